@@ -1,0 +1,211 @@
+"""Training data for the cINN: noise model, network inputs, bounded targets (Walter et al. 2026, Sect. 2.2).
+
+From a noiseless simulation (simulate.py) to the observation files the network trains on:
+
+    theta = (log10 t'/Myr, log10 m0/Msun, E(B-V))   target, with the age label jittered t' = t + U[-0.5, 0.5]
+    x     = (log10 f*_b [mJy] x 5, r*_b x 5, d [Mpc])  condition
+
+Noise (per band): r ~ U[0, 0.5], sigma = r f', ln f* ~ N(ln f' - s^2/2, s^2), s^2 = ln(1 + r^2), so that
+f* is log-normal with mean f' and standard deviation sigma; the network sees the *observed* relative error
+r* = sigma / f*. The distance d ~ U[1, 30] Mpc scales the 10 pc fluxes by (10 pc / d)^2.
+
+Each target is mapped to the real line by u = Phi^-1((theta - a) / (b - a)) (Phi = standard normal CDF).
+Under the uniform prior of Sect. 3 this makes u close to standard normal, so no further standardisation of the
+targets is needed. The inputs x are standardised inside the model with statistics of the training split.
+
+CLI:  python preprocess.py --sim sim.npz --out DIR [--n-val N] [--n-test N] [--seed S]
+      writes DIR/train.npz, DIR/val.npz, DIR/test.npz (train.npz also keeps the noiseless 10 pc fluxes and the
+      integer ages, so that train.py --online can re-draw distance and noise every epoch).
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")  # same order as simulate.BANDS
+THETA_NAMES = ("log10_age_myr", "log10_mass", "ebv")
+# [a, b] per target; wide enough to hold every jittered age label t' in [0.5, 13750.5] Myr.
+THETA_BOUNDS = np.array([[np.log10(0.5), np.log10(13750.5)], [2.0, 8.0], [0.0, 1.5]])
+DISTANCE_RANGE_MPC = (1.0, 30.0)
+R_MAX = 0.5          # relative noise level r ~ U[0, R_MAX]
+SYS_ERR = 0.05       # Eq. 10: systematic relative error added to real catalogues
+EPS = 1e-7           # (theta - a)/(b - a) is clipped to [EPS, 1 - EPS]: |u| <= 5.2 stays finite on the bounds
+PC10_IN_MPC = 1e-5
+
+
+def _check_theta(theta):
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.shape[-1] != 3:
+        raise ValueError(f"theta must have last dimension 3 {THETA_NAMES}, got shape {theta.shape}")
+    return theta
+
+
+def theta_to_u(theta):
+    """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped)."""
+    theta = _check_theta(theta)
+    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
+    p = np.clip((theta - a) / (b - a), EPS, 1.0 - EPS)
+    return ndtri(p)
+
+
+def u_to_theta(u):
+    """Inverse of theta_to_u: theta = a + (b - a) Phi(u)."""
+    u = _check_theta(u)
+    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
+    return a + (b - a) * ndtr(u)
+
+
+def log_det_theta_to_u(theta):
+    """sum_i log|du_i/dtheta_i| (N,): du/dtheta = 1 / ((b - a) phi(u)), phi the standard normal density.
+
+    p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta)).
+    """
+    u = theta_to_u(theta)
+    width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
+    log_phi = -0.5 * u ** 2 - 0.5 * np.log(2.0 * np.pi)
+    return np.sum(-np.log(width) - log_phi, axis=-1)
+
+
+def add_noise(flux_true_mjy, rng, r_max=R_MAX):
+    """Log-normal photometric noise of DESIGN Sect. 3.
+
+    flux_true_mjy: noiseless fluxes f' at the cluster's distance, any shape (..., 5).
+    Returns (flux_obs_mjy f*, rel_err_obs r* = sigma / f*), both the shape of the input.
+    """
+    f = np.asarray(flux_true_mjy, dtype=np.float64)
+    if not np.all(np.isfinite(f)) or np.any(f <= 0):
+        raise ValueError("add_noise: noiseless fluxes must be finite and > 0")
+    r = rng.uniform(0.0, r_max, size=f.shape)
+    s2 = np.log1p(r ** 2)
+    ln_obs = np.log(f) - 0.5 * s2 + np.sqrt(s2) * rng.standard_normal(f.shape)
+    flux_obs = np.exp(ln_obs)
+    rel_err = r * f / flux_obs            # r* = sigma / f*, sigma = r f'
+    return flux_obs, rel_err
+
+
+def make_x(flux_mjy, rel_err, distance_mpc):
+    """Network condition (N, 11): log10 flux [mJy] x 5, relative error x 5, distance [Mpc]."""
+    flux = np.atleast_2d(np.asarray(flux_mjy, dtype=np.float64))
+    rel = np.atleast_2d(np.asarray(rel_err, dtype=np.float64))
+    if flux.shape != rel.shape or flux.shape[-1] != 5:
+        raise ValueError(f"make_x: flux {flux.shape} and rel_err {rel.shape} must both be (N, 5)")
+    bad = np.flatnonzero(~np.all(np.isfinite(flux) & (flux > 0), axis=1))
+    if bad.size:
+        raise ValueError(f"make_x: non-positive or non-finite flux in rows {bad[:10].tolist()} "
+                         f"({bad.size} rows); drop them before building network inputs")
+    d = np.broadcast_to(np.asarray(distance_mpc, dtype=np.float64), flux.shape[:1])
+    return np.column_stack([np.log10(flux), rel, d])
+
+
+def jitter_age(age_myr, rng):
+    """Age label t' = t + U[-0.5, 0.5] Myr (on the label only; the photometry uses the grid age t)."""
+    age = np.asarray(age_myr, dtype=np.float64)
+    return age + rng.uniform(-0.5, 0.5, size=age.shape)
+
+
+def observe(sim, rng):
+    """One noisy observation of each simulated cluster (DESIGN Sect. 3) -> observation dict (Sect. 4).
+
+    sim: dict with age_myr (N,), log10_mass (N,), ebv (N,), flux_10pc_mjy (N, 5) noiseless (mass included).
+    Draw order is fixed (jitter, distance, noise), so the result is a deterministic function of rng's state.
+    """
+    for key in ("age_myr", "log10_mass", "ebv", "flux_10pc_mjy"):
+        if key not in sim:
+            raise ValueError(f"observe: simulation lacks key '{key}'")
+    age = np.asarray(sim["age_myr"])
+    n = age.shape[0]
+    t_label = jitter_age(age, rng)
+    distance = rng.uniform(*DISTANCE_RANGE_MPC, size=n)
+    flux_true = np.asarray(sim["flux_10pc_mjy"], dtype=np.float64) * (PC10_IN_MPC / distance[:, None]) ** 2
+    flux, rel_err = add_noise(flux_true, rng)
+    theta = np.column_stack([np.log10(t_label), sim["log10_mass"], sim["ebv"]])
+    return dict(theta=theta, x=make_x(flux, rel_err, distance), flux_mjy=flux, rel_err=rel_err,
+                distance_mpc=distance, age_myr=age.astype(np.int64), bands=np.array(BANDS))
+
+
+def prepare_real(flux_mjy, flux_err_mjy, distance_mpc, sys_err=SYS_ERR, ids=None):
+    """Observation dict for measured photometry: r' = sqrt((err/flux)^2 + sys_err^2) (Eq. 10), theta = NaN.
+
+    Every row needs finite, positive fluxes and finite, non-negative errors in all five bands; rows that fail
+    raise a ValueError naming them (catalogs.py filters and reports such rows before calling this).
+    """
+    flux = np.atleast_2d(np.asarray(flux_mjy, dtype=np.float64))
+    err = np.atleast_2d(np.asarray(flux_err_mjy, dtype=np.float64))
+    if flux.shape != err.shape or flux.shape[-1] != 5:
+        raise ValueError(f"prepare_real: flux {flux.shape} and errors {err.shape} must both be (N, 5)")
+    bad = np.flatnonzero(~np.all(np.isfinite(err) & (err >= 0), axis=1))
+    if bad.size:
+        raise ValueError(f"prepare_real: invalid (negative or non-finite) flux errors in rows "
+                         f"{bad[:10].tolist()} ({bad.size} rows)")
+    n = flux.shape[0]
+    distance = np.broadcast_to(np.asarray(distance_mpc, dtype=np.float64), (n,)).copy()
+    rel_err = np.sqrt((err / flux) ** 2 + sys_err ** 2)
+    obs = dict(theta=np.full((n, 3), np.nan), x=make_x(flux, rel_err, distance), flux_mjy=flux,
+               rel_err=rel_err, distance_mpc=distance, bands=np.array(BANDS))
+    if ids is not None:
+        obs["id"] = np.asarray(ids)
+    return obs
+
+
+def fit_standardization(x):
+    """Mean and standard deviation of the network inputs (fit on the training split only)."""
+    x = np.asarray(x, dtype=np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def split_indices(n, n_val, n_test, rng):
+    """Random disjoint (train, val, test) index arrays."""
+    if n_val + n_test >= n:
+        raise ValueError(f"n_val + n_test = {n_val + n_test} leaves no training data out of {n} clusters")
+    perm = rng.permutation(n)
+    return perm[n_val + n_test:], perm[:n_val], perm[n_val:n_val + n_test]
+
+
+def preprocess(sim, n_val, n_test, seed):
+    """Split a simulation and observe each split once -> dict split -> observation dict.
+
+    train additionally keeps `flux_10pc_mjy`, `log10_mass`, `ebv` (noiseless inputs for online re-drawing)
+    and the x standardisation `x_mean`, `x_std` fitted on train only.
+    """
+    seeds = np.random.SeedSequence(seed).spawn(4)
+    idx = dict(zip(("train", "val", "test"), split_indices(len(sim["age_myr"]), n_val, n_test,
+                                                           np.random.default_rng(seeds[0]))))
+    out = {}
+    for (name, ii), ss in zip(idx.items(), seeds[1:]):
+        part = {k: np.asarray(sim[k])[ii] for k in ("age_myr", "log10_mass", "ebv", "flux_10pc_mjy")}
+        obs = observe(part, np.random.default_rng(ss))
+        if name == "train":
+            obs.update(flux_10pc_mjy=part["flux_10pc_mjy"], log10_mass=part["log10_mass"], ebv=part["ebv"])
+            obs["x_mean"], obs["x_std"] = fit_standardization(obs["x"])
+        obs["seed"] = np.int64(seed)
+        out[name] = obs
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sim", required=True, help="simulation .npz from simulate.py")
+    p.add_argument("--out", required=True, help="output directory for train/val/test .npz")
+    p.add_argument("--n-val", type=int, default=20_000, help="validation clusters")
+    p.add_argument("--n-test", type=int, default=20_000, help="test clusters")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from simulate import load_npz, save_npz
+    t0 = time.time()
+    sim = load_npz(args.sim, required=("age_myr", "log10_mass", "ebv", "flux_10pc_mjy"))
+    splits = preprocess(sim, args.n_val, args.n_test, args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    for name, obs in splits.items():
+        path = os.path.join(args.out, f"{name}.npz")
+        save_npz(path, **obs)
+        print(f"wrote {path}: {len(obs['x'])} clusters", file=sys.stderr)
+    print(f"preprocess done in {time.time() - t0:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

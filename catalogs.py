@@ -1,0 +1,574 @@
+"""Real star-cluster catalogues in, result catalogues out (Walter et al. 2026, Sect. 2.3 and 3.2).
+
+Three readers turn published photometry into the observation dict of DESIGN Sect. 4 (via
+preprocess.prepare_real, which adds the 5 % systematic of Eq. 10):
+
+    read_phangs(path, distance_mpc)         PHANGS-HST cluster catalogues as released at MAST (FITS, mJy)
+    read_legus(path, distance_mpc)          LEGUS deterministic catalogues (whitespace text, Vega magnitudes)
+    read_table(path, columns, distance_mpc) any astropy-readable table (FITS, ECSV, CSV) + a column mapping
+
+Each returns (obs, estimates, report):
+    obs        dict from preprocess.prepare_real plus `ra_deg`, `dec_deg`, `flags` (bit mask, see FLAG_BITS)
+    estimates  the catalogue's own SED-fit results for the kept rows, NaN where absent:
+               age_myr, log10_mass, ebv, each with _lo and _hi (1 sigma / 68 % range), `mass_kind`
+    report     rows read, kept, dropped per reason, flagged per flag (printed by format_report)
+
+Selection as in the paper: visual classes 1 and 2, a valid flux (finite, > 0, no sentinel) and a valid error
+in all five bands. Rows outside the training domain are kept and flagged, never dropped:
+    rel_err      relative error above 0.5 in some band after the 5 % systematic (prior of r: U[0, 0.5])
+    distance     distance outside 1-30 Mpc (training range)
+    uv_err       catalogue relative flux error above 40 % in F275W or F336W (paper Sect. 3.2.4)
+
+`python evaluate.py catalog ...` (registered by add_catalog_parser) runs a trained cINN on a catalogue and
+writes the result table (run_catalog). make_synthetic_phangs writes a PHANGS-format FITS file from the
+forward model, for tests and for pipeline.py.
+"""
+import argparse
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")  # = simulate.BANDS, the order used everywhere
+SYS_ERR = 0.05  # Eq. 10
+REL_ERR_MAX = 0.5  # upper end of the training prior of the relative error r
+UV_REL_ERR_MAX = 0.4  # paper Sect. 3.2.4: UV bands with larger errors are outside what the cINN saw
+DISTANCE_RANGE_MPC = (1.0, 30.0)  # = simulate.DISTANCE_RANGE_MPC
+FLAG_BITS = {"rel_err": 1, "distance": 2, "uv_err": 4}
+AB_ZERO_POINT_MJY = 3.631e6  # AB magnitude 0 in mJy: f = 3.631e6 * 10**(-0.4 m_AB)
+
+# WFC3/UVIS Vega -> AB offsets zpAB - zpVEGA (mag), from the STScI WFC3/UVIS photometric zero points
+# (PHOTFNU/PHOTPLAM header keywords; https://www.stsci.edu/hst/instrumentation/wfc3/data-analysis/
+# photometric-calibration/uvis-photometric-calibration), as tabulated for 2013 UVIS observations:
+# F275W 24.1314-22.6405, F336W 24.6648-23.5265, F438W 24.8127-24.9940, F555W 25.7839-25.8325,
+# F814W 25.1072-24.6980. tests/test_catalogs.py checks them against the shared zero-point file.
+WFC3_UVIS_VEGA_TO_AB = {"F275W": 1.4909, "F336W": 1.1383, "F438W": -0.1813, "F555W": -0.0486,
+                        "F814W": 0.4092}
+
+LEGUS_NOT_IN_FOV = 66.666  # LEGUS magnitude sentinel: source outside the frame
+LEGUS_NOT_DETECTED = 99.999  # LEGUS magnitude sentinel: not detected
+FLUX_SENTINELS = (-9999.0, -999.0, -99.0)  # common "missing" values in flux tables
+LEGUS_MIN_COLUMNS = 34  # id ... visual class (mode); published files have 35-37
+
+PHANGS_COLUMNS = {"id": "ID_PHANGS_CLUSTERS", "ra": "PHANGS_RA", "dec": "PHANGS_DEC",
+                  "class": "PHANGS_CLUSTER_CLASS_HUMAN", "no_coverage": "PHANGS_NO_COVERAGE_FLAG",
+                  "non_detection": "PHANGS_NON_DETECTION_FLAG",
+                  "age": "PHANGS_AGE_MINCHISQ", "mass": "PHANGS_MASS_MINCHISQ", "ebv": "PHANGS_EBV_MINCHISQ"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms
+
+def vega_to_mjy(mag_vega, band):
+    """WFC3/UVIS Vega magnitude -> flux in mJy: m_AB = m_Vega + (zpAB - zpVEGA); f = 3.631e6 10^(-0.4 m_AB)."""
+    return AB_ZERO_POINT_MJY * 10.0 ** (-0.4 * (np.asarray(mag_vega, float) + WFC3_UVIS_VEGA_TO_AB[band]))
+
+
+def mag_err_to_rel_err(mag_err):
+    """Magnitude error -> relative flux error sigma_f / f = 0.4 ln(10) sigma_m (first-order propagation)."""
+    return 0.4 * np.log(10.0) * np.asarray(mag_err, float)
+
+
+def domain_flags(rel_err_total, cat_rel_err, distance_mpc):
+    """Bit mask per row (FLAG_BITS) of what lies outside the training domain; nothing is dropped here.
+
+    rel_err_total: (N, 5) relative errors after the 5 % systematic (Eq. 10); cat_rel_err: (N, 5) the
+    catalogue's own relative errors (without the systematic), used for the 40 % UV criterion.
+    """
+    flags = np.zeros(len(distance_mpc), dtype=np.int64)
+    flags |= np.where(np.any(rel_err_total > REL_ERR_MAX, axis=1), FLAG_BITS["rel_err"], 0)
+    d = np.asarray(distance_mpc, float)
+    flags |= np.where((d < DISTANCE_RANGE_MPC[0]) | (d > DISTANCE_RANGE_MPC[1]), FLAG_BITS["distance"], 0)
+    flags |= np.where(np.any(cat_rel_err[:, :2] > UV_REL_ERR_MAX, axis=1), FLAG_BITS["uv_err"], 0)
+    return flags
+
+
+def flag_names(flags):
+    """Bit mask -> comma-separated flag names ('' when none), one string per row."""
+    return np.array([",".join(k for k, b in FLAG_BITS.items() if f & b) for f in np.asarray(flags)], dtype=str)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distances
+
+def galaxy_from_filename(path):
+    """Galaxy/field name from a MAST HLSP file name: hlsp_legus_hst_wfc3_ngc7793-e_... -> 'ngc7793-e'."""
+    name = Path(path).name.lower()
+    m = re.match(r"hlsp_(?:legus|phangs-cat)_hst_[a-z0-9-]+_([a-z0-9-]+?)_", name)
+    return m.group(1) if m else Path(path).stem.lower()
+
+
+def read_distance_table(path):
+    """Galaxy -> distance (Mpc) from a table with columns `name` and `distance_mpc`.
+
+    Accepts the Calzetti et al. (2015) Table 1 file (ascii.commented_header, header_start=3) or any
+    astropy-readable table with those two columns.
+    """
+    from astropy.table import Table
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: distance table not found")
+    tab = None
+    for kw in ({"format": "ascii.commented_header", "header_start": 3}, {}):
+        try:
+            t = Table.read(path, **kw)
+        except Exception:
+            continue
+        if "name" in t.colnames and "distance_mpc" in t.colnames:
+            tab = t
+            break
+    if tab is None:
+        raise ValueError(f"{path}: cannot read a distance table with columns 'name' and 'distance_mpc'")
+    return {str(n).strip().upper(): float(d) for n, d in zip(tab["name"], tab["distance_mpc"])}
+
+
+def resolve_distance(distance, path):
+    """Distance in Mpc for catalogue `path`: a number, a string number, or a distance table file.
+
+    With a table, the galaxy is taken from the catalogue file name; a field suffix such as '-e' or '-n'
+    (ngc7793-e, ngc4395-n) is dropped when the full name is not in the table.
+    """
+    if distance is None:
+        raise ValueError(f"{path}: no distance given (--distance MPC or --distance TABLE)")
+    if isinstance(distance, (int, float, np.floating, np.integer)):
+        d = float(distance)
+    else:
+        try:
+            d = float(distance)
+        except (TypeError, ValueError):
+            table = read_distance_table(distance)
+            gal = galaxy_from_filename(path).upper()
+            candidates = [gal, gal.rsplit("-", 1)[0]] if "-" in gal else [gal]
+            for name in candidates:
+                if name in table:
+                    d = table[name]
+                    break
+            else:
+                raise ValueError(f"{path}: galaxy {gal!r} (from the file name) not in distance table {distance}")
+    if not np.isfinite(d) or d <= 0:
+        raise ValueError(f"{path}: distance must be a positive number of Mpc, got {distance!r}")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# selection shared by the readers
+
+def _invalid_flux(flux):
+    """Rows x bands that are not a usable flux: NaN/inf, <= 0, or a missing-value sentinel."""
+    flux = np.asarray(flux, float)
+    bad = ~np.isfinite(flux) | (flux <= 0)
+    for s in FLUX_SENTINELS:
+        bad |= flux == s
+    return bad
+
+
+def _invalid_err(err):
+    """Rows x bands that are not a usable flux error: NaN/inf, negative, or a sentinel."""
+    err = np.asarray(err, float)
+    bad = ~np.isfinite(err) | (err < 0)
+    for s in FLUX_SENTINELS:
+        bad |= err == s
+    return bad
+
+
+def _first_reason(path, reasons):
+    """Combine ordered (name, bool mask) pairs: each dropped row counts for its first reason only."""
+    n = len(reasons[0][1])
+    dropped = np.zeros(n, bool)
+    counts = {}
+    for name, mask in reasons:
+        new = mask & ~dropped
+        counts[name] = int(new.sum())
+        dropped |= new
+    return ~dropped, counts
+
+
+def _check_ids(path, ids):
+    """Duplicate ids make the result table ambiguous: ValueError naming the ids and their rows."""
+    ids = np.asarray(ids)
+    uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if np.any(counts > 1):
+        dup = uniq[counts > 1]
+        rows = [np.flatnonzero(ids == d)[:4].tolist() for d in dup[:5]]
+        detail = "; ".join(f"id {d} at rows {r}" for d, r in zip(dup[:5], rows))
+        raise ValueError(f"{path}: {len(dup)} duplicate id(s): {detail} (rows counted from 0)")
+
+
+def _finish(path, fmt, ids, ra, dec, flux, err, distance, reasons, estimates, mass_kind, sys_err=SYS_ERR):
+    """Apply the selection, call preprocess.prepare_real (Eq. 10), add flags and build the report."""
+    import preprocess
+    n = len(ids)
+    keep, dropped = _first_reason(path, reasons)
+    flux, err = np.asarray(flux, float)[keep], np.asarray(err, float)[keep]
+    dist = np.broadcast_to(np.asarray(distance, float), (n,))[keep]
+    report = {"file": str(path), "format": fmt, "rows": n, "kept": int(keep.sum()), "dropped": dropped,
+              "flagged": {k: 0 for k in FLAG_BITS}}
+    if keep.sum() == 0:
+        raise ValueError(f"{path}: no cluster passes the selection\n" + format_report(report))
+    obs = preprocess.prepare_real(flux, err, dist, sys_err=sys_err, ids=np.asarray(ids)[keep])
+    flags = domain_flags(np.asarray(obs["rel_err"]), err / flux, dist)
+    obs["ra_deg"] = np.asarray(ra, float)[keep]
+    obs["dec_deg"] = np.asarray(dec, float)[keep]
+    obs["flags"] = flags
+    report["flagged"] = {k: int(np.count_nonzero(flags & b)) for k, b in FLAG_BITS.items()}
+    est = {k: np.asarray(v, float)[keep] for k, v in estimates.items()}
+    est["mass_kind"] = mass_kind
+    print(format_report(report), file=sys.stderr)
+    return obs, est, report
+
+
+def format_report(report):
+    """One readable block: rows read, kept, dropped per reason, flagged per flag."""
+    lines = [f"{report['file']}: {report['rows']} rows, kept {report['kept']}"]
+    for k, v in report["dropped"].items():
+        lines.append(f"  dropped {v:6d}  {k}")
+    for k, v in report["flagged"].items():
+        lines.append(f"  flagged {v:6d}  {k} (kept)")
+    return "\n".join(lines)
+
+
+def _log10_positive(value):
+    """log10 where value > 0, NaN elsewhere (missing or unfitted)."""
+    value = np.asarray(value, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(value > 0, np.log10(np.where(value > 0, value, 1.0)), np.nan)
+
+
+def _log10_range(value, err):
+    """Linear value +- err -> (log10 lo, log10 hi); lo = -inf when value - err <= 0, NaN where unknown."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lo = np.log10(np.where(value - err > 0, value - err, 0.0))
+        hi = np.log10(value + err)
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PHANGS
+
+def _read_fits_or_table(path, **kw):
+    """astropy Table.read with a ValueError naming the file for missing, empty or corrupt files."""
+    from astropy.table import Table
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    try:
+        tab = Table.read(path, **kw)
+    except Exception as exc:  # astropy raises OSError, TypeError, ... for truncated/corrupt files
+        raise ValueError(f"{path}: cannot read as a table ({type(exc).__name__}: {exc})") from None
+    if len(tab) == 0:
+        raise ValueError(f"{path}: the table has no rows")
+    return tab
+
+
+def _column(tab, path, name, fill=np.nan):
+    """Column as a float array (masked entries -> NaN); ValueError naming file and column when missing."""
+    if name not in tab.colnames:
+        raise ValueError(f"{path}: missing column {name!r}")
+    col = tab[name]
+    try:
+        data = np.ma.filled(np.ma.asarray(col, dtype=float), fill)
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: column {name!r} is not numeric") from None
+    return np.asarray(data, float)
+
+
+def read_phangs(path, distance_mpc):
+    """PHANGS-HST cluster catalogue (MAST FITS) -> (obs, estimates, report).
+
+    Fluxes PHANGS_<band>_mJy_TOT and _ERR in mJy. Drops: human class not 1 or 2, no coverage or non-detection
+    flag set, invalid flux or error in any band. Estimates: CIGALE PHANGS_*_MINCHISQ (age in Myr, current
+    stellar mass in Msun, E(B-V)) with their _ERR as 1 sigma ranges.
+    """
+    tab = _read_fits_or_table(path)
+    c = PHANGS_COLUMNS
+    ids = _column(tab, path, c["id"])
+    if np.any(~np.isfinite(ids)):
+        raise ValueError(f"{path}: column {c['id']!r} has missing values at rows "
+                         f"{np.flatnonzero(~np.isfinite(ids))[:5].tolist()}")
+    ids = ids.astype(np.int64)
+    _check_ids(path, ids)
+    ra, dec = _column(tab, path, c["ra"]), _column(tab, path, c["dec"])
+    flux = np.stack([_column(tab, path, f"PHANGS_{b}_mJy_TOT") for b in BANDS], axis=1)
+    err = np.stack([_column(tab, path, f"PHANGS_{b}_mJy_TOT_ERR") for b in BANDS], axis=1)
+    cls = _column(tab, path, c["class"])
+    no_cov = _column(tab, path, c["no_coverage"], fill=0)
+    non_det = _column(tab, path, c["non_detection"], fill=0)
+    distance = resolve_distance(distance_mpc, path)
+    reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
+               ("no coverage in a band (PHANGS_NO_COVERAGE_FLAG)", no_cov != 0),
+               ("not detected in a band (PHANGS_NON_DETECTION_FLAG)", non_det != 0),
+               ("invalid flux in a band (NaN, <= 0 or sentinel)", _invalid_flux(flux).any(axis=1)),
+               ("invalid flux error in a band (NaN, < 0 or sentinel)", _invalid_err(err).any(axis=1))]
+    est = {}
+    for key, col, log in (("age_myr", c["age"], False), ("log10_mass", c["mass"], True), ("ebv", c["ebv"], False)):
+        v = _optional(tab, col)
+        e = _optional(tab, col + "_ERR")
+        v = np.where(np.isin(v, FLUX_SENTINELS), np.nan, v)
+        e = np.where(np.isin(e, FLUX_SENTINELS), np.nan, e)
+        if log:
+            est[key] = _log10_positive(v)
+            est[key + "_lo"], est[key + "_hi"] = _log10_range(v, e)
+        else:
+            est[key], est[key + "_lo"], est[key + "_hi"] = v, v - e, v + e
+    return _finish(path, "phangs", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="current")
+
+
+def _optional(tab, name):
+    """Column as float, or all-NaN when the catalogue lacks it (estimates are optional)."""
+    if name not in tab.colnames:
+        return np.full(len(tab), np.nan)
+    return np.asarray(np.ma.filled(np.ma.asarray(tab[name], dtype=float), np.nan), float)
+
+
+def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0.35, 0.2)):
+    """Write a PHANGS-format FITS catalogue of n clusters simulated with the forward model.
+
+    Parameters from simulate.sample_prior, photometry from simulate.model_flux at `distance_mpc`, noise from
+    preprocess.add_noise (DESIGN Sect. 3). Classes 1/2/3 drawn with `class_probs`; about 2 % of rows get a
+    no-coverage flag and 2 % a non-detection flag with a NaN flux, so the selection has work to do.
+    The CIGALE columns PHANGS_*_MINCHISQ hold the TRUE parameters (age Myr, current stellar mass, E(B-V))
+    with _ERR = 0: on this synthetic catalogue "the catalogue's own estimate" is the truth.
+    Returns the table (astropy Table) and writes it atomically.
+    """
+    import preprocess
+    import simulate
+    from astropy.table import Table
+    rng = np.random.default_rng(seed)
+    prior = simulate.sample_prior(n, rng)
+    age, logm, ebv = prior["age_myr"], prior["log10_mass"], prior["ebv"]
+    flux_true = simulate.model_flux(age, ebv, logm, distance_mpc)
+    flux, rel_err = preprocess.add_noise(flux_true, rng)
+    err = rel_err * flux
+    cls = rng.choice([1, 2, 3], size=n, p=np.asarray(class_probs) / np.sum(class_probs))
+    no_cov = (rng.random(n) < 0.02).astype(np.int16)
+    non_det = (rng.random(n) < 0.02).astype(np.int16)
+    flux[non_det == 1, 0] = np.nan
+    err[non_det == 1, 0] = np.nan
+    ra0, dec0 = 150.0, 2.0
+    t = Table()
+    t["ID_PHANGS_CLUSTERS"] = np.arange(1, n + 1, dtype=np.int64)
+    t["PHANGS_RA"] = ra0 + rng.normal(0, 0.01, n)
+    t["PHANGS_DEC"] = dec0 + rng.normal(0, 0.01, n)
+    for j, b in enumerate(BANDS):
+        t[f"PHANGS_{b}_mJy_TOT"] = flux[:, j]
+        t[f"PHANGS_{b}_mJy_TOT_ERR"] = err[:, j]
+    t["PHANGS_CLUSTER_CLASS_HUMAN"] = cls.astype(np.int16)
+    t["PHANGS_NO_COVERAGE_FLAG"] = no_cov
+    t["PHANGS_NON_DETECTION_FLAG"] = non_det
+    t["PHANGS_AGE_MINCHISQ"] = age.astype(float)
+    t["PHANGS_AGE_MINCHISQ_ERR"] = np.zeros(n)
+    t["PHANGS_MASS_MINCHISQ"] = 10.0 ** logm * simulate.mstar_fraction(age)
+    t["PHANGS_MASS_MINCHISQ_ERR"] = np.zeros(n)
+    t["PHANGS_EBV_MINCHISQ"] = ebv
+    t["PHANGS_EBV_MINCHISQ_ERR"] = np.zeros(n)
+    t["TRUE_LOG10_MASS_INITIAL"] = logm
+    t.meta["COMMENT"] = [f"SYNTHETIC PHANGS-format catalogue: seed {seed}, distance {distance_mpc} Mpc",
+                         "PHANGS_*_MINCHISQ hold the true parameters (mass = current stellar mass)"]
+    t.meta["DIST_MPC"] = float(distance_mpc)
+    write_table_atomic(t, path)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LEGUS
+
+def _load_legus_text(path):
+    """LEGUS .tab -> (N, ncol) float array; ValueError naming file and line for ragged/non-numeric rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    rows = []
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) < LEGUS_MIN_COLUMNS:
+                raise ValueError(f"{path}: line {lineno} has {len(parts)} columns, a LEGUS catalogue row needs "
+                                 f">= {LEGUS_MIN_COLUMNS} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., "
+                                 f"class); truncated file or wrong number of bands?")
+            try:
+                rows.append([float(p) for p in parts[:LEGUS_MIN_COLUMNS]])
+            except ValueError:
+                raise ValueError(f"{path}: line {lineno}: non-numeric value in the first {LEGUS_MIN_COLUMNS} "
+                                 f"columns") from None
+    if not rows:
+        raise ValueError(f"{path}: the catalogue has no rows")
+    return np.array(rows)
+
+
+def read_legus(path, distance_mpc):
+    """LEGUS deterministic cluster catalogue (Adamo et al. 2017) -> (obs, estimates, report).
+
+    Columns (1-based): 1 id, 4-5 RA/Dec, 6-15 Vega mag/err F275W, F336W, F438W, F555W, F814W (66.666 = not
+    in the field, 99.999 = not detected), 17-19 age best/max/min (yr), 20-22 mass best/max/min (Msun),
+    23-25 E(B-V) best/max/min, 34 visual class (mode). Vega -> AB with WFC3/UVIS zero points, mJy =
+    3.631e6 10^(-0.4 m_AB); flux error = 0.4 ln10 sigma_m f. `distance_mpc`: a number or the Calzetti et al.
+    (2015) table (galaxy from the file name).
+    """
+    a = _load_legus_text(path)
+    ids = a[:, 0].astype(np.int64)
+    _check_ids(path, ids)
+    ra, dec = a[:, 3], a[:, 4]
+    mag, merr = a[:, 5:15:2], a[:, 6:15:2]
+    cls = a[:, 33]
+    distance = resolve_distance(distance_mpc, path)
+    not_fov = np.isclose(mag, LEGUS_NOT_IN_FOV) | np.isclose(merr, LEGUS_NOT_IN_FOV)
+    not_det = np.isclose(mag, LEGUS_NOT_DETECTED) | np.isclose(merr, LEGUS_NOT_DETECTED)
+    bad_mag = ~np.isfinite(mag) | np.isin(mag, FLUX_SENTINELS) | (np.abs(mag) > 40)
+    bad_err = ~np.isfinite(merr) | (merr < 0) | np.isin(merr, FLUX_SENTINELS)
+    with np.errstate(over="ignore", invalid="ignore"):
+        flux = np.stack([vega_to_mjy(mag[:, j], b) for j, b in enumerate(BANDS)], axis=1)
+        err = mag_err_to_rel_err(merr) * flux
+    reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
+               ("not in the field of view in a band (66.666)", not_fov.any(axis=1)),
+               ("not detected in a band (99.999)", not_det.any(axis=1)),
+               ("invalid magnitude in a band (NaN or sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
+               ("invalid magnitude error in a band (NaN, < 0 or sentinel)", bad_err.any(axis=1))]
+    fitted = a[:, 16] > 0  # LEGUS writes zeros for sources it did not fit (Nflt < 4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        est = {"age_myr": np.where(fitted, a[:, 16] / 1e6, np.nan),
+               "age_myr_hi": np.where(fitted, a[:, 17] / 1e6, np.nan),
+               "age_myr_lo": np.where(fitted, a[:, 18] / 1e6, np.nan),
+               "log10_mass": _log10_positive(np.where(fitted, a[:, 19], np.nan)),
+               "log10_mass_hi": _log10_positive(np.where(fitted, a[:, 20], np.nan)),
+               "log10_mass_lo": _log10_positive(np.where(fitted, a[:, 21], np.nan)),
+               "ebv": np.where(fitted, a[:, 22], np.nan),
+               "ebv_hi": np.where(fitted, a[:, 23], np.nan),
+               "ebv_lo": np.where(fitted, a[:, 24], np.nan)}
+    return _finish(path, "legus", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="legus")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# any table + column mapping
+
+TABLE_KEYS = tuple(f"flux_{b}" for b in BANDS) + tuple(f"err_{b}" for b in BANDS)
+TABLE_OPTIONAL = ("id", "ra", "dec", "class", "distance", "age_myr", "age_myr_err", "mass", "mass_err",
+                  "ebv", "ebv_err")
+
+
+def parse_columns(spec):
+    """'flux_F275W=f275,err_F275W=e275,...' (or a dict) -> dict; ValueError on malformed or unknown keys."""
+    if isinstance(spec, dict):
+        mapping = dict(spec)
+    else:
+        mapping = {}
+        for item in (spec or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if "=" not in item:
+                raise ValueError(f"--columns: item {item!r} is not KEY=COLUMN")
+            k, v = (s.strip() for s in item.split("=", 1))
+            mapping[k] = v
+    unknown = sorted(set(mapping) - set(TABLE_KEYS) - set(TABLE_OPTIONAL))
+    if unknown:
+        raise ValueError(f"--columns: unknown key(s) {unknown}; allowed: {list(TABLE_KEYS + TABLE_OPTIONAL)}")
+    missing = [k for k in TABLE_KEYS if k not in mapping]
+    if missing:
+        raise ValueError(f"--columns: missing {missing}; all five bands {BANDS} need flux_<band> and "
+                         f"err_<band> (fluxes in mJy unless the column carries a unit)")
+    return mapping
+
+
+def _flux_column(tab, path, name):
+    """Flux-like column in mJy: converted with astropy units when the column has a flux-density unit."""
+    import astropy.units as u
+    if name not in tab.colnames:
+        raise ValueError(f"{path}: missing column {name!r}")
+    col = tab[name]
+    unit = getattr(col, "unit", None)
+    if unit is not None and unit != u.dimensionless_unscaled:
+        try:
+            factor = (1.0 * unit).to(u.mJy).value
+        except u.UnitConversionError:
+            raise ValueError(f"{path}: column {name!r} has unit {unit}, not a flux density") from None
+        return _column(tab, path, name) * factor
+    return _column(tab, path, name)
+
+
+def read_table(path, columns, distance_mpc=None, fmt=None):
+    """Any astropy-readable table (FITS, ECSV, CSV, ...) with a column mapping -> (obs, estimates, report).
+
+    `columns`: dict or 'key=col,...' string with flux_<band> and err_<band> for the five bands (mJy or any
+    flux-density unit attached to the column), optional id, ra, dec, class (then only 1 and 2 are kept),
+    distance (Mpc per row, overrides `distance_mpc`), and the catalogue's own estimates age_myr, mass
+    (current stellar mass, Msun), ebv with optional *_err.
+    """
+    mapping = parse_columns(columns)
+    tab = _read_fits_or_table(path, **({"format": fmt} if fmt else {}))
+    n = len(tab)
+    flux = np.stack([_flux_column(tab, path, mapping[f"flux_{b}"]) for b in BANDS], axis=1)
+    err = np.stack([_flux_column(tab, path, mapping[f"err_{b}"]) for b in BANDS], axis=1)
+    if "id" in mapping:
+        ids = np.asarray(tab[_name(tab, path, mapping["id"])])
+        ids = np.array([str(i).strip() for i in ids]) if ids.dtype.kind in "USO" else ids
+    else:
+        ids = np.arange(n)
+    _check_ids(path, ids)
+    ra = _column(tab, path, mapping["ra"]) if "ra" in mapping else np.full(n, np.nan)
+    dec = _column(tab, path, mapping["dec"]) if "dec" in mapping else np.full(n, np.nan)
+    if "distance" in mapping:
+        distance = _column(tab, path, mapping["distance"])
+        bad = ~np.isfinite(distance) | (distance <= 0)
+        if bad.any():
+            raise ValueError(f"{path}: column {mapping['distance']!r} has non-positive or missing distances at "
+                             f"rows {np.flatnonzero(bad)[:5].tolist()}")
+    else:
+        distance = resolve_distance(distance_mpc, path)
+    cls = _column(tab, path, mapping["class"]) if "class" in mapping else np.ones(n)
+    reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
+               ("invalid flux in a band (NaN, <= 0 or sentinel)", _invalid_flux(flux).any(axis=1)),
+               ("invalid flux error in a band (NaN, < 0 or sentinel)", _invalid_err(err).any(axis=1))]
+    est = {}
+    for key, src, log in (("age_myr", "age_myr", False), ("log10_mass", "mass", True), ("ebv", "ebv", False)):
+        v = _column(tab, path, mapping[src]) if src in mapping else np.full(n, np.nan)
+        e = _column(tab, path, mapping[src + "_err"]) if src + "_err" in mapping else np.full(n, np.nan)
+        if log:
+            est[key] = _log10_positive(v)
+            est[key + "_lo"], est[key + "_hi"] = _log10_range(v, e)
+        else:
+            est[key], est[key + "_lo"], est[key + "_hi"] = v, v - e, v + e
+    return _finish(path, "table", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="current")
+
+
+def _name(tab, path, name):
+    if name not in tab.colnames:
+        raise ValueError(f"{path}: missing column {name!r}")
+    return name
+
+
+def read_catalog(path, fmt, distance=None, columns=None):
+    """Dispatch on fmt: 'phangs', 'legus' or 'table'."""
+    if fmt == "phangs":
+        return read_phangs(path, distance)
+    if fmt == "legus":
+        return read_legus(path, distance)
+    if fmt == "table":
+        if not columns:
+            raise ValueError("--format table needs --columns flux_F275W=COL,err_F275W=COL,...")
+        return read_table(path, columns, distance)
+    raise ValueError(f"unknown catalogue format {fmt!r}; use phangs, legus or table")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output
+
+def write_table_atomic(table, path):
+    """Write an astropy Table to `path` (format from the suffix) via a temporary file + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".ecsv": "ascii.ecsv", ".fits": "fits", ".csv": "ascii.csv"}.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: output must end in .ecsv, .fits or .csv")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.write(tmp, format=fmt, overwrite=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,359 @@
+"""Forward model of Walter et al. (2026, Sect. 2.1-2.2): CIGALE-equivalent star-cluster photometry.
+
+What CIGALE computes for the PHANGS setup (modules sfh2exp, bc03, dustext, redshifting; DESIGN.md Sect. 2),
+rebuilt in plain numpy from the same Bruzual & Charlot (2003) SSP (Padova 1994, Chabrier IMF, Z = 0.02):
+
+    1. SSP spectra F_nu(t, lambda) at 10 pc per 1 Msun formed (data/bc03_wfc3_table.npz, see data/README.md);
+    2. CIGALE's 1 Myr age bins: the spectrum at integer age k Myr is the SSP averaged over (k-1, k] Myr,
+       i.e. the mean of the SSP interpolated linearly in time at k-0.9, k-0.8, ..., k Myr   (age_bin_weights);
+    3. Milky-Way screen dust: F_nu * 10**(-0.4 E(B-V) k(lambda)), CIGALE dustext law 0, R_V = 3.1 (dust_k);
+    4. photon-counting band fluxes f_nu = int(T F_nu / lambda) / int(T / lambda), in mJy        (band_flux);
+    5. flux proportional to the initial mass m0 and to (10 pc / d)^2; current mass M* = mstar_fraction * m0.
+
+Everything is linear in the spectrum, so load_table() computes band fluxes at the native SSP ages for every
+E(B-V) node, applies the (13750 x n_age) sparse age-bin weights, and caches ln flux (13750, n_ebv, 5).
+model_flux() then gathers two E(B-V) nodes and interpolates ln flux linearly (error < 1e-5, see tests).
+
+Also: the prior of Sect. 2.2 (sample_prior), the simulation file of DESIGN.md Sect. 4 (simulate, CLI),
+atomic deterministic .npz I/O (save_npz, load_npz) and pcigale interoperability (write_cigale_config,
+read_cigale_savefluxes, --backend pcigale).
+
+    python simulate.py --n 5000000 --seed 1 --out runs/sim.npz
+"""
+import argparse
+import io
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")
+AGE_MAX_MYR = 13750
+LOG_MASS_RANGE = (2.0, 8.0)
+EBV_RANGE = (0.0, 1.5)
+DISTANCE_RANGE_MPC = (1.0, 30.0)
+EBV_STEP = 0.01            # E(B-V) node spacing of the cached ln-flux table
+R_V = 3.1
+C_ANGSTROM_PER_S = 2.99792458e18
+MJY_CGS = 1e-26            # 1 mJy in erg s^-1 cm^-2 Hz^-1
+TABLE_PATH = Path(__file__).resolve().parent / "data" / "bc03_wfc3_table.npz"
+TABLE_KEYS = ("wave_A", "f_nu_10pc", "age_yr", "mstar", "bands") + tuple(f"filter_{b}" for b in BANDS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# .npz input/output: atomic, byte-for-byte deterministic (fixed zip timestamps), clear errors on read.
+
+def _write_npz(path, arrays, compress=False):
+    """Write arrays to path as .npz through a temporary file and os.replace (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp.npz")
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True) as zf:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = method
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+                zf.writestr(info, buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npz(path, **arrays):
+    """Atomically write `arrays` to `path` (.npz, uncompressed); same arrays -> identical file bytes."""
+    _write_npz(path, arrays, compress=False)
+
+
+def load_npz(path, required=()):
+    """Read an .npz into a dict of arrays; clear errors naming the file and any missing keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            out = {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from err
+    missing = [k for k in required if k not in out]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}; file has {sorted(out)}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Physics: dust law, photometry, CIGALE age bins.
+
+def dust_k(wave_A, r_v=R_V):
+    """k(lambda) = A_lambda / E(B-V) of CIGALE's dustext law 0 (Cardelli+89 with O'Donnell 94 optical).
+
+    x = 1/lambda in inverse micron. x < 1.1: k = (0.574 R_V - 0.527) x^1.61 (extended to all longer
+    wavelengths); 1.1 <= x < 3.3: O'Donnell (1994) polynomials; 3.3 <= x <= 11: CCM89 UV (with the
+    x >= 5.9 bump correction) and far-UV (x >= 8); x > 11: k = 0. k = a(x) R_V + b(x).
+    """
+    x = 1e4 / np.asarray(wave_A, dtype=float)
+    a = np.zeros_like(x)
+    b = np.zeros_like(x)
+    ir = x < 1.1
+    a[ir] = 0.574 * x[ir] ** 1.61
+    b[ir] = -0.527 * x[ir] ** 1.61
+    opt = (x >= 1.1) & (x < 3.3)
+    y = x[opt] - 1.82
+    a[opt] = np.polyval([-0.505, 1.647, -0.827, -1.718, 1.137, 0.701, -0.609, 0.104, 1.0], y)
+    b[opt] = np.polyval([3.347, -10.805, 5.491, 11.102, -7.985, -3.989, 2.908, 1.952, 0.0], y)
+    uv = (x >= 3.3) & (x < 8.0)
+    xu = x[uv]
+    fa = np.where(xu >= 5.9, -0.04473 * (xu - 5.9) ** 2 - 0.009779 * (xu - 5.9) ** 3, 0.0)
+    fb = np.where(xu >= 5.9, 0.2130 * (xu - 5.9) ** 2 + 0.1207 * (xu - 5.9) ** 3, 0.0)
+    a[uv] = 1.752 - 0.316 * xu - 0.104 / ((xu - 4.67) ** 2 + 0.341) + fa
+    b[uv] = -3.090 + 1.825 * xu + 1.206 / ((xu - 4.62) ** 2 + 0.263) + fb
+    fuv = (x >= 8.0) & (x <= 11.0)
+    y = x[fuv] - 8.0
+    a[fuv] = np.polyval([-0.070, 0.137, -0.628, -1.073], y)
+    b[fuv] = np.polyval([0.374, -0.420, 4.257, 13.670], y)
+    return a * r_v + b
+
+
+def band_weights(wave_A, filter_wave_A, filter_throughput):
+    """Weights c (len(wave_A),) with band flux = F_nu(wave_A) @ c (photon counting, DESIGN Sect. 2).
+
+    f_nu = int(T F_nu / lambda dlambda) / int(T / lambda dlambda), evaluated by the trapezoid rule on the union
+    of the spectrum's and the filter's wavelength points inside the filter range, with F_nu and T interpolated
+    linearly in lambda. Linear in F_nu, hence expressed as one weight per spectrum wavelength.
+    """
+    wave = np.asarray(wave_A, dtype=float)
+    fw = np.asarray(filter_wave_A, dtype=float)
+    ft = np.asarray(filter_throughput, dtype=float)
+    if np.any(np.diff(wave) <= 0) or np.any(np.diff(fw) <= 0):
+        raise ValueError("band_weights: wavelengths must be strictly increasing")
+    if fw[0] < wave[0] or fw[-1] > wave[-1]:
+        raise ValueError(f"band_weights: spectrum ({wave[0]:.0f}-{wave[-1]:.0f} A) does not cover the filter "
+                         f"({fw[0]:.0f}-{fw[-1]:.0f} A)")
+    grid = np.union1d(fw, wave[(wave > fw[0]) & (wave < fw[-1])])
+    t = np.interp(grid, fw, ft)
+    dg = np.diff(grid)
+    trap = np.zeros_like(grid)                       # trapezoid weights on the union grid
+    trap[:-1] += dg / 2
+    trap[1:] += dg / 2
+    g = trap * t / grid
+    g /= g.sum()                                     # divide by int(T / lambda)
+    # spread each union-grid weight onto the two bracketing spectrum points (linear interpolation)
+    j = np.clip(np.searchsorted(wave, grid, side="right") - 1, 0, len(wave) - 2)
+    frac = (grid - wave[j]) / (wave[j + 1] - wave[j])
+    c = np.zeros(len(wave))
+    np.add.at(c, j, g * (1 - frac))
+    np.add.at(c, j + 1, g * frac)
+    return c
+
+
+def band_flux(wave_A, f_nu, filter_wave_A, filter_throughput):
+    """Photon-counting band flux density in mJy of spectra f_nu (..., len(wave_A)) in erg/s/cm^2/Hz."""
+    return np.asarray(f_nu) @ band_weights(wave_A, filter_wave_A, filter_throughput) / MJY_CGS
+
+
+def age_bin_weights(age_yr, n_ages=AGE_MAX_MYR):
+    """Sparse (n_ages, len(age_yr)) matrix W: (W @ X)[k-1] = X averaged over CIGALE's age bin (k-1, k] Myr.
+
+    CIGALE regrids the SSP to 1 Myr by averaging it, linearly interpolated in time, at the ten points
+    k-0.9, k-0.8, ..., k Myr. Native age 0 is skipped and times before the first non-zero native age take
+    the first non-zero-age value (np.interp clamping), as in CIGALE.
+    """
+    from scipy import sparse
+    age_myr = np.asarray(age_yr, dtype=float) / 1e6
+    use = np.nonzero(age_myr > 0)[0]
+    t_nat = age_myr[use]
+    t = np.arange(1, 10 * n_ages + 1) / 10.0          # 0.1, 0.2, ..., n_ages Myr
+    if t[-1] > t_nat[-1]:
+        raise ValueError(f"age_bin_weights: SSP ages end at {t_nat[-1]} Myr < {t[-1]} Myr")
+    j = np.clip(np.searchsorted(t_nat, t, side="right") - 1, 0, len(t_nat) - 2)
+    frac = np.clip((t - t_nat[j]) / (t_nat[j + 1] - t_nat[j]), 0.0, 1.0)
+    rows = np.repeat(np.arange(n_ages), 10)
+    w = sparse.coo_matrix((np.concatenate([(1 - frac) / 10, frac / 10]),
+                           (np.concatenate([rows, rows]), np.concatenate([use[j], use[j + 1]]))),
+                          shape=(n_ages, len(age_myr)))
+    return w.tocsr()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cached model table.
+
+_CACHE = {}
+
+
+def load_source(path=TABLE_PATH):
+    """The committed data table (native-age SSP spectra, filter curves (n, 2) Angstrom/throughput); data/README.md."""
+    key = ("source", str(path))
+    if key not in _CACHE:
+        src = load_npz(path, required=TABLE_KEYS)
+        if tuple(str(b) for b in src["bands"]) != BANDS:
+            raise ValueError(f"{path}: bands {src['bands']} differ from {BANDS}")
+        _CACHE[key] = src
+    return _CACHE[key]
+
+
+def native_band_flux(ebv_nodes, path=TABLE_PATH):
+    """Band fluxes (n_native_age, n_ebv, 5) in mJy at 10 pc per Msun formed, at the native SSP ages."""
+    src = load_source(path)
+    wave = src["wave_A"]
+    spec = src["f_nu_10pc"].astype(float) / MJY_CGS                            # (n_age, n_wave) mJy
+    atten = 10.0 ** (-0.4 * np.outer(ebv_nodes, dust_k(wave)))                # (n_ebv, n_wave)
+    out = np.empty((spec.shape[0], len(ebv_nodes), len(BANDS)))
+    for b in range(len(BANDS)):
+        filt = src[f"filter_{BANDS[b]}"]
+        c = band_weights(wave, filt[:, 0], filt[:, 1])
+        nz = np.nonzero(c)[0]
+        out[:, :, b] = (spec[:, nz] * c[nz]) @ atten[:, nz].T
+    return out
+
+
+def load_table(path=TABLE_PATH):
+    """The cached model table (built on first call, ~1 s): dict with
+
+    ebv_nodes (n_e,) 0..1.5 in steps of EBV_STEP; ln_flux (13750, n_e, 5) natural log of band flux in mJy
+    at 10 pc per 1 Msun formed, row k-1 = age k Myr; mstar_frac (13750,) M*/m0 at integer age k Myr.
+    """
+    key = ("table", str(path))
+    if key not in _CACHE:
+        src = load_source(path)
+        n_e = int(round((EBV_RANGE[1] - EBV_RANGE[0]) / EBV_STEP)) + 1
+        ebv_nodes = np.linspace(EBV_RANGE[0], EBV_RANGE[1], n_e)
+        w = age_bin_weights(src["age_yr"])
+        native = native_band_flux(ebv_nodes, path)
+        flux = (w @ native.reshape(native.shape[0], -1)).reshape(AGE_MAX_MYR, n_e, len(BANDS))
+        mstar = w @ src["mstar"].astype(float)
+        _CACHE[key] = {"ebv_nodes": ebv_nodes, "ln_flux": np.log(flux), "mstar_frac": mstar,
+                       "bands": np.array(BANDS)}
+    return _CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public forward model.
+
+def _check_ages(age_myr):
+    """Integer ages in 1..AGE_MAX_MYR as int64 array, else ValueError."""
+    age = np.asarray(age_myr)
+    if age.dtype.kind not in "iuf":
+        raise ValueError(f"age_myr must be numeric, got dtype {age.dtype}")
+    if age.dtype.kind == "f":
+        if not np.all(np.isfinite(age)) or np.any(age != np.round(age)):
+            raise ValueError("age_myr must be integer numbers of Myr (CIGALE's 1 Myr grid)")
+    if age.size and (age.min() < 1 or age.max() > AGE_MAX_MYR):
+        raise ValueError(f"age_myr must lie in 1..{AGE_MAX_MYR} Myr, got {age.min()}..{age.max()}")
+    return age.astype(np.int64)
+
+
+def _check_range(name, value, lo, hi):
+    value = np.asarray(value, dtype=float)
+    if value.size and (not np.all(np.isfinite(value)) or value.min() < lo or value.max() > hi):
+        raise ValueError(f"{name} must be finite and within [{lo}, {hi}], got {np.nanmin(value)}..{np.nanmax(value)}")
+    return value
+
+
+def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None):
+    """Noise-free band fluxes (..., 5) in mJy, band order BANDS; inputs broadcast against each other.
+
+    flux = F(age, E(B-V)) * 10**log10_mass * (1e-5 Mpc / distance_mpc)**2 with F per Msun formed at 10 pc
+    (distance None = 10 pc). age_myr: integers 1..13750; E(B-V) in [0, 1.5], ln F interpolated linearly
+    between the E(B-V) nodes of load_table() (relative error < 1e-5 off the nodes).
+    """
+    tab = load_table()
+    age = _check_ages(age_myr)
+    ebv = _check_range("ebv", ebv, *EBV_RANGE)
+    logm = np.asarray(log10_mass, dtype=float)
+    if not np.all(np.isfinite(logm)):
+        raise ValueError("log10_mass must be finite")
+    scale = logm * np.log(10.0)
+    if distance_mpc is not None:
+        d = np.asarray(distance_mpc, dtype=float)
+        if not np.all(np.isfinite(d)) or np.any(d <= 0):
+            raise ValueError("distance_mpc must be finite and > 0")
+        scale = scale + 2.0 * np.log(1e-5 / d)
+    age, ebv, scale = np.broadcast_arrays(age, ebv, scale)
+    n_e = len(tab["ebv_nodes"])
+    pos = (ebv - EBV_RANGE[0]) / EBV_STEP
+    i0 = np.minimum(pos.astype(np.int64), n_e - 2)
+    w = (pos - i0)[..., None]
+    rows = tab["ln_flux"].reshape(-1, len(BANDS))
+    r0 = (age - 1) * n_e + i0
+    ln_f = rows[r0] * (1.0 - w) + rows[r0 + 1] * w
+    ln_f += scale[..., None]
+    return np.exp(ln_f)
+
+
+def mstar_fraction(age_myr):
+    """Current stellar mass (living stars + remnants) per Msun formed at integer age(s) in Myr."""
+    return load_table()["mstar_frac"][_check_ages(age_myr) - 1]
+
+
+def sample_prior(n, rng, keep_unrounded=False):
+    """Draw n clusters from the prior of DESIGN.md Sect. 3 (paper Sect. 2.2).
+
+    log10(t/Myr) ~ U[0, log10 13750] rounded to the nearest integer Myr in [1, 13750];
+    log10(m0/Msun) ~ U[2, 8]; E(B-V) ~ U[0, 1.5]. Returns dict(age_myr int64, log10_mass, ebv)
+    (plus log10_age_unrounded when keep_unrounded).
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    log_age = rng.uniform(0.0, np.log10(AGE_MAX_MYR), n)
+    log_mass = rng.uniform(*LOG_MASS_RANGE, n)
+    ebv = rng.uniform(*EBV_RANGE, n)
+    age = np.clip(np.rint(10.0 ** log_age), 1, AGE_MAX_MYR).astype(np.int64)
+    out = {"age_myr": age, "log10_mass": log_mass, "ebv": ebv}
+    if keep_unrounded:
+        out["log10_age_unrounded"] = log_age
+    return out
+
+
+def simulate(n, seed, chunk=1_000_000, progress=False):
+    """Simulate n prior clusters; dict with the simulation keys of DESIGN.md Sect. 4.
+
+    The prior is drawn in one go (so the result does not depend on `chunk`), fluxes in chunks of `chunk`.
+    """
+    rng = np.random.default_rng(seed)
+    prior = sample_prior(n, rng)
+    flux = np.empty((int(n), len(BANDS)))
+    chunk = max(1, int(chunk))
+    t0 = time.perf_counter()
+    for start in range(0, int(n), chunk):
+        sl = slice(start, min(start + chunk, int(n)))
+        flux[sl] = model_flux(prior["age_myr"][sl], prior["ebv"][sl], prior["log10_mass"][sl])
+        if progress:
+            done = sl.stop
+            print(f"simulate: {done}/{n} clusters ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return {"age_myr": prior["age_myr"], "log10_mass": prior["log10_mass"], "ebv": prior["ebv"],
+            "flux_10pc_mjy": flux, "mstar_frac": mstar_fraction(prior["age_myr"]),
+            "bands": np.array(BANDS), "seed": np.int64(seed)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line.
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Simulate noise-free star-cluster photometry (CIGALE-equivalent "
+                                "BC03 + dustext forward model) for clusters drawn from the prior.")
+    p.add_argument("--n", type=int, default=5_000_000, help="number of clusters (default: the paper's 5e6)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical file)")
+    p.add_argument("--out", default="runs/sim.npz", help="output .npz (default runs/sim.npz)")
+    p.add_argument("--chunk", type=int, default=1_000_000, help="clusters per chunk (bounds memory)")
+    p.add_argument("--backend", choices=("numpy", "pcigale"), default="numpy",
+                   help="numpy (default) or pcigale (needs pcigale installed)")
+    args = p.parse_args(argv)
+    if args.n < 1:
+        p.error("--n must be >= 1")
+    if args.backend == "pcigale":
+        raise SystemExit("--backend pcigale is not available yet")
+    t0 = time.perf_counter()
+    sim = simulate(args.n, args.seed, chunk=args.chunk, progress=args.n >= 1_000_000)
+    save_npz(args.out, **sim)
+    print(f"wrote {args.out}: {args.n} clusters, seed {args.seed}, {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -505,7 +505,8 @@ def read_table(path, columns, distance_mpc=None, fmt=None):
     err = np.stack([_flux_column(tab, path, mapping[f"err_{b}"]) for b in BANDS], axis=1)
     if "id" in mapping:
         ids = np.asarray(tab[_name(tab, path, mapping["id"])])
-        ids = np.array([str(i).strip() for i in ids]) if ids.dtype.kind in "USO" else ids
+        if ids.dtype.kind in "USO":
+            ids = np.array([(i.decode() if isinstance(i, bytes) else str(i)).strip() for i in ids])
     else:
         ids = np.arange(n)
     _check_ids(path, ids)
@@ -520,7 +521,11 @@ def read_table(path, columns, distance_mpc=None, fmt=None):
     else:
         distance = resolve_distance(distance_mpc, path)
     cls = _column(tab, path, mapping["class"]) if "class" in mapping else np.ones(n)
+    empty = np.zeros(n, bool)
+    for k in TABLE_KEYS:
+        empty |= np.ma.getmaskarray(tab[mapping[k]])
     reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
+               ("empty flux or error cell (masked value; truncated row?)", empty),
                ("invalid flux in a band (NaN, <= 0 or sentinel)", _invalid_flux(flux).any(axis=1)),
                ("invalid flux error in a band (NaN, < 0 or sentinel)", _invalid_err(err).any(axis=1))]
     est = {}

@@ -132,7 +132,7 @@ def test_mean_shift_unimodal_gives_one_mode_and_is_fast():
     dt = time.perf_counter() - t0
     assert modes.shape == (1, 3)
     # the KDE mode of 1e4 samples scatters by ~0.1-0.15 sd per axis (20 seeds measured); allow 0.3 sd
-    np.testing.assert_allclose(modes[0], [1.0, 4.0, 0.3], atol=0.3 * np.array([0.3, 0.5, 0.1]))
+    assert np.all(np.abs(modes[0] - [1.0, 4.0, 0.3]) < 0.3 * np.array([0.3, 0.5, 0.1])), modes
     assert dt < 1.0       # target 0.1 s (bench_evaluate.py prints it); generous here for a busy CI machine
 
 

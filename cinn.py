@@ -1,0 +1,281 @@
+"""Conditional invertible neural network (cINN) for p(theta | x), in plain PyTorch (Walter et al. 2026, Sect. 2.1).
+
+The network g maps the (transformed) parameters u = Phi^-1((theta - a)/(b - a)) of a cluster, conditioned on its
+photometry x, to a latent z that is standard normal when the model is right:
+
+    z = g(u; x),    p(u | x) = N(z; 0, 1) |det dz/du|,    loss = E[ ||z||^2 / 2 - log|det dz/du| ]   (Eq. 4)
+
+g is a stack of conditional affine coupling blocks (Eqs. 5-7). Each block splits u into u1 (1 dim) and u2 (2 dims):
+
+    v1 = u1 * exp(s2(u2, c)) + t2(u2, c)        (Eq. 5)
+    v2 = u2 * exp(s1(v1, c)) + t1(v1, c)        (Eq. 6)
+    u2 = (v2 - t1(v1, c)) * exp(-s1(v1, c)),  u1 = (v1 - t2(u2, c)) * exp(-s2(u2, c))     (Eq. 7, the inverse)
+
+with log|det| = sum(s2) + sum(s1). Each subnet is an MLP on [half, c] that outputs scale and shift; the log-scale
+is soft-clamped s -> (2 clamp / pi) atan(s / clamp). After each block the three coordinates are shuffled by a
+fixed random permutation drawn from the block's own seeded generator. The condition c is the standardised x
+passed through a small MLP (the condition network), trained jointly.
+
+Directions: `to_latent` (u -> z, with log|det J|, for densities and training) and `to_params` (z -> u, for
+sampling). Public interface for the other scripts:
+
+    model = cinn.load("runs/quick")          # a run directory or a checkpoint file
+    samples = model.sample(x, 1000, seed=0)  # (N, 1000, 3): log10 age/Myr, log10 mass/Msun, E(B-V)
+    logp = model.log_prob(theta, x)          # (N,) log density in those physical coordinates
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+import preprocess
+
+FORMAT_VERSION = 1
+DEFAULT_CONFIG = dict(
+    dim_theta=3,      # log10 age, log10 mass, E(B-V)
+    dim_x=11,         # 5 log10 fluxes, 5 relative errors, distance
+    n_blocks=8,       # coupling blocks
+    width=128,        # subnet hidden width
+    depth=2,          # subnet hidden layers
+    clamp=2.0,        # soft clamp of the log-scale s
+    cond_dim=32,      # output size of the condition network (0: feed standardised x directly)
+    cond_width=128,
+    cond_depth=2,
+    final_init=0.1,   # scale of the subnets' last layer at init (small: blocks start close to identity)
+    perm_seed=0,      # seed of the fixed permutations
+)
+
+
+def mlp(n_in, n_out, width, depth):
+    """depth hidden layers of `width` ReLU units, then a linear output layer."""
+    layers, n = [], n_in
+    for _ in range(depth):
+        layers += [nn.Linear(n, width), nn.ReLU()]
+        n = width
+    layers.append(nn.Linear(n, n_out))
+    return nn.Sequential(*layers)
+
+
+def soft_clamp(s, clamp):
+    """(2 clamp / pi) atan(s / clamp): ~s for small s, bounded by +-clamp (stabilises exp(s))."""
+    return (2.0 * clamp / math.pi) * torch.atan(s / clamp)
+
+
+class CouplingBlock(nn.Module):
+    """One conditional affine coupling block, Eqs. (5)-(7)."""
+
+    def __init__(self, dim, dim_c, width, depth, clamp):
+        super().__init__()
+        self.d1, self.d2, self.clamp = dim // 2, dim - dim // 2, clamp
+        self.net2 = mlp(self.d2 + dim_c, 2 * self.d1, width, depth)   # s2, t2 from (u2, c)
+        self.net1 = mlp(self.d1 + dim_c, 2 * self.d2, width, depth)   # s1, t1 from (v1, c)
+
+    def _scale_shift(self, net, h, c):
+        s, t = net(torch.cat([h, c], dim=1)).chunk(2, dim=1)
+        return soft_clamp(s, self.clamp), t
+
+    def forward(self, u, c):
+        """u -> v (parameter side to latent side) and log|det dv/du| (N,)."""
+        u1, u2 = u[:, :self.d1], u[:, self.d1:]
+        s2, t2 = self._scale_shift(self.net2, u2, c)
+        v1 = u1 * torch.exp(s2) + t2                                   # Eq. 5
+        s1, t1 = self._scale_shift(self.net1, v1, c)
+        v2 = u2 * torch.exp(s1) + t1                                   # Eq. 6
+        return torch.cat([v1, v2], dim=1), s2.sum(dim=1) + s1.sum(dim=1)
+
+    def inverse(self, v, c):
+        """v -> u, the exact inverse (Eq. 7)."""
+        v1, v2 = v[:, :self.d1], v[:, self.d1:]
+        s1, t1 = self._scale_shift(self.net1, v1, c)
+        u2 = (v2 - t1) * torch.exp(-s1)
+        s2, t2 = self._scale_shift(self.net2, u2, c)
+        u1 = (v1 - t2) * torch.exp(-s2)
+        return torch.cat([u1, u2], dim=1)
+
+
+class CINN(nn.Module):
+    """Stack of coupling blocks and permutations, a condition network, and the x standardisation."""
+
+    def __init__(self, config=None, x_mean=None, x_std=None, seed=0):
+        super().__init__()
+        cfg = dict(DEFAULT_CONFIG)
+        cfg.update(config or {})
+        unknown = set(cfg) - set(DEFAULT_CONFIG)
+        if unknown:
+            raise ValueError(f"unknown cINN config keys: {sorted(unknown)}")
+        self.config = cfg
+        D, dx = cfg["dim_theta"], cfg["dim_x"]
+        self.register_buffer("x_mean", torch.zeros(dx) if x_mean is None else torch.as_tensor(x_mean).float())
+        self.register_buffer("x_std", torch.ones(dx) if x_std is None else torch.as_tensor(x_std).float())
+        self.register_buffer("theta_bounds", torch.as_tensor(preprocess.THETA_BOUNDS).float())
+        if cfg["cond_dim"] > 0:
+            self.cond_net = mlp(dx, cfg["cond_dim"], cfg["cond_width"], cfg["cond_depth"])
+            dim_c = cfg["cond_dim"]
+        else:
+            self.cond_net = nn.Identity()
+            dim_c = dx
+        self.blocks = nn.ModuleList(CouplingBlock(D, dim_c, cfg["width"], cfg["depth"], cfg["clamp"])
+                                    for _ in range(cfg["n_blocks"]))
+        perm_rng = np.random.default_rng(cfg["perm_seed"])    # its own generator, never global state
+        for k in range(cfg["n_blocks"]):
+            perm = torch.as_tensor(perm_rng.permutation(D))
+            self.register_buffer(f"perm{k}", perm)
+            self.register_buffer(f"inv_perm{k}", torch.argsort(perm))
+        self.init_weights(seed)
+
+    @torch.no_grad()
+    def init_weights(self, seed):
+        """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from a seeded generator;
+        the last layer of every coupling subnet scaled by config['final_init']."""
+        gen = torch.Generator().manual_seed(int(seed))
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                for p in (module.weight, module.bias):
+                    p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 * bound - bound)
+        for block in self.blocks:
+            for net in (block.net1, block.net2):
+                net[-1].weight.mul_(self.config["final_init"])
+                net[-1].bias.mul_(self.config["final_init"])
+
+    @property
+    def device(self):
+        return self.x_mean.device
+
+    def condition(self, x):
+        """Raw network inputs x (N, 11) -> condition features c."""
+        return self.cond_net((x - self.x_mean) / self.x_std)
+
+    def to_latent(self, u, x=None, c=None):
+        """u -> z and log|det dz/du| (N,)."""
+        c = self.condition(x) if c is None else c
+        logdet = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        for k, block in enumerate(self.blocks):
+            u, ld = block(u, c)
+            u = u[:, getattr(self, f"perm{k}")]
+            logdet = logdet + ld
+        return u, logdet
+
+    def to_params(self, z, x=None, c=None):
+        """z -> u, the inverse of to_latent (used for sampling)."""
+        c = self.condition(x) if c is None else c
+        for k in reversed(range(len(self.blocks))):
+            z = z[:, getattr(self, f"inv_perm{k}")]
+            z = self.blocks[k].inverse(z, c)
+        return z
+
+    def log_prob_u(self, u, x):
+        """log p(u | x) = log N(z; 0, I) + log|det dz/du|."""
+        z, logdet = self.to_latent(u, x)
+        return -0.5 * (z ** 2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logdet
+
+    def u_to_theta(self, u):
+        """theta = a + (b - a) Phi(u), in torch (same as preprocess.u_to_theta)."""
+        a, b = self.theta_bounds[:, 0].to(u.dtype), self.theta_bounds[:, 1].to(u.dtype)
+        return a + (b - a) * torch.special.ndtr(u)
+
+    def _x_tensor(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.config["dim_x"]:
+            raise ValueError(f"x must have shape (N, {self.config['dim_x']}), got {x.shape}")
+        bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
+        if bad.size:
+            raise ValueError(f"x has non-finite values in rows {bad[:10].tolist()} ({bad.size} rows)")
+        return torch.as_tensor(x, dtype=self.x_mean.dtype, device=self.device)
+
+    @torch.no_grad()
+    def sample(self, x, n, seed=None, batch_rows=1 << 17):
+        """n posterior samples per row of x -> numpy (N, n, 3) in physical units.
+
+        Work is done in batches of about `batch_rows` samples; the condition network runs once per cluster.
+        The same seed, device, n and batch_rows give identical samples.
+        """
+        was_training = self.training
+        self.eval()
+        xt = self._x_tensor(x)
+        N, D = xt.shape[0], self.config["dim_theta"]
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        out = np.empty((N, n, D), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
+        per = max(1, batch_rows // max(n, 1))          # clusters per batch
+        for i in range(0, N, per):
+            c = self.condition(xt[i:i + per])
+            m = c.shape[0]
+            z = torch.randn(m * n, D, generator=gen, device=self.device, dtype=xt.dtype)
+            if n > batch_rows:                           # very many samples of one cluster: split further
+                u = torch.cat([self.to_params(zz, c=c.expand(zz.shape[0], -1))
+                               for zz in z.split(batch_rows)])
+            else:
+                u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
+            out[i:i + m] = self.u_to_theta(u).reshape(m, n, D).cpu().numpy()
+        self.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def log_prob(self, theta, x, batch_rows=1 << 17):
+        """log p(theta | x) in physical coordinates (N,) (or (N, K) for theta (N, K, 3) and x (N, 11)).
+
+        Includes the bounded transform's Jacobian: log p(theta|x) = log p(u|x) + sum log|du/dtheta|.
+        Points outside THETA_BOUNDS get -inf.
+        """
+        was_training = self.training
+        self.eval()
+        theta = np.asarray(theta, dtype=np.float64)
+        x = np.asarray(x, dtype=np.float64)
+        shape = theta.shape[:-1]
+        if theta.ndim == 3:
+            x = np.repeat(x, theta.shape[1], axis=0)
+        theta = theta.reshape(-1, self.config["dim_theta"])
+        if len(theta) != len(x):
+            raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
+        xt = self._x_tensor(x)
+        bounds = self.theta_bounds.cpu().numpy().astype(np.float64)
+        inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
+        u = torch.as_tensor(preprocess.theta_to_u(theta), dtype=xt.dtype, device=self.device)
+        logp = np.concatenate([self.log_prob_u(u[i:i + batch_rows], xt[i:i + batch_rows]).double().cpu().numpy()
+                               for i in range(0, len(u), batch_rows)]) if len(u) else np.zeros(0)
+        logp = logp + preprocess.log_det_theta_to_u(theta)
+        logp[~inside] = -np.inf
+        self.train(was_training)
+        return logp.reshape(shape)
+
+
+def save(path, model, extra=None):
+    """Write one self-contained checkpoint atomically (temp file + os.replace)."""
+    ckpt = dict(format_version=FORMAT_VERSION, config=dict(model.config),
+                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                x_mean=model.x_mean.detach().cpu().double(), x_std=model.x_std.detach().cpu().double(),
+                theta_bounds=model.theta_bounds.detach().cpu().double(),
+                theta_names=list(preprocess.THETA_NAMES), extra=extra or {})
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path, device=None):
+    """Load a model from a checkpoint file or a run directory (which holds model.pt); ready for sample/log_prob."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no cINN checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path} is not a cINN checkpoint (missing format_version/state_dict)")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
+    model = CINN(ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    bounds = np.asarray(ckpt["theta_bounds"])
+    if not np.allclose(bounds, preprocess.THETA_BOUNDS, rtol=0, atol=1e-6):
+        raise ValueError(f"{path}: theta bounds {bounds.tolist()} differ from preprocess.THETA_BOUNDS")
+    model.extra = ckpt.get("extra", {})
+    model.eval()
+    return model.to(default_device() if device is None else torch.device(device))

@@ -1,0 +1,152 @@
+"""Tests of the hand-written cINN (cinn.py): invertibility, Jacobians, normalisation, sampling, checkpoints."""
+import numpy as np
+import pytest
+import torch
+
+import cinn
+import preprocess as pp
+
+SMALL = dict(n_blocks=4, width=32, depth=2, cond_dim=8, cond_width=32, cond_depth=1, final_init=1.0, clamp=1.5)
+
+
+def random_model(seed=0, dtype=torch.float64, **over):
+    cfg = dict(SMALL, **over)
+    rng = np.random.default_rng(seed)
+    model = cinn.CINN(cfg, x_mean=rng.normal(size=11), x_std=rng.uniform(0.5, 2, 11), seed=seed)
+    return model.to(dtype).eval()
+
+
+def random_x(rng, n):
+    return np.column_stack([rng.normal(0, 2, (n, 5)), rng.uniform(0, 0.6, (n, 5)), rng.uniform(1, 30, n)])
+
+
+def test_invertible_both_ways_float64():
+    model = random_model(1)
+    rng = np.random.default_rng(1)
+    x = torch.as_tensor(random_x(rng, 500))
+    u = torch.as_tensor(rng.normal(0, 2, (500, 3)))
+    with torch.no_grad():
+        z, _ = model.to_latent(u, x)
+        assert torch.max(torch.abs(model.to_params(z, x) - u)) < 1e-5
+        z2 = torch.as_tensor(rng.normal(0, 2, (500, 3)))
+        z3, _ = model.to_latent(model.to_params(z2, x), x)
+        assert torch.max(torch.abs(z3 - z2)) < 1e-5
+        assert torch.max(torch.abs(z - u)) > 0.1        # the random model is not the identity
+
+
+def test_log_det_equals_autograd_jacobian():
+    model = random_model(2)
+    rng = np.random.default_rng(2)
+    x = torch.as_tensor(random_x(rng, 20))
+    u = torch.as_tensor(rng.normal(0, 1.5, (20, 3)))
+    _, logdet = model.to_latent(u, x)
+    for i in range(20):
+        jac = torch.autograd.functional.jacobian(lambda v: model.to_latent(v[None], x[i:i + 1])[0][0], u[i])
+        ref = torch.linalg.slogdet(jac)[1]
+        assert abs(float(logdet[i].detach() - ref)) < 1e-8
+
+
+def test_permutations_fixed_by_own_seed_not_global_state():
+    torch.manual_seed(123)
+    np.random.seed(123)
+    a = random_model(3, perm_seed=5)
+    torch.manual_seed(999)
+    np.random.seed(999)
+    b = random_model(3, perm_seed=5)
+    for k in range(SMALL["n_blocks"]):
+        assert torch.equal(getattr(a, f"perm{k}"), getattr(b, f"perm{k}"))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_density_of_random_model_integrates_to_one_in_u_space():
+    model = random_model(4)
+    rng = np.random.default_rng(4)
+    x = torch.as_tensor(random_x(rng, 1))
+    g = np.linspace(-8, 8, 97)
+    h = g[1] - g[0]
+    grid = torch.as_tensor(np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3))
+    with torch.no_grad():
+        logp = torch.cat([model.log_prob_u(c, x.expand(len(c), -1)) for c in grid.split(200_000)])
+    total = float(torch.exp(logp).sum()) * h ** 3
+    assert abs(total - 1) < 0.02, total
+    # and the model is far from the standard normal it started from
+    std_normal = -0.5 * (grid ** 2).sum(1) - 1.5 * np.log(2 * np.pi)
+    assert float(torch.max(torch.abs(logp - std_normal)[std_normal > -6])) > 0.5
+
+
+def test_samples_agree_with_exp_log_prob_in_physical_units():
+    """3-D histogram of sample() vs exp(log_prob) integrated over the same bins (physical coordinates).
+
+    Bins cover the central 80 % of each axis: there the physical density is smooth and a midpoint rule is
+    accurate (near the bounds it can diverge like 1/phi(u), which a coarse quadrature cannot follow).
+    """
+    model = random_model(5)
+    rng = np.random.default_rng(5)
+    x = random_x(rng, 1)
+    n = 200_000
+    s = model.sample(x, n, seed=7)[0]
+    assert s.shape == (n, 3)
+    lo, hi = pp.THETA_BOUNDS[:, 0], pp.THETA_BOUNDS[:, 1]
+    assert np.all((s >= lo) & (s <= hi))
+    lo_in, hi_in = lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)
+    nb, sub = 5, 12                       # 5 bins per axis, 12^3 midpoints per bin
+    edges = [np.linspace(lo_in[i], hi_in[i], nb + 1) for i in range(3)]
+    hist = np.histogramdd(s, bins=edges)[0] / n
+    mids = [lo_in[i] + (np.arange(nb * sub) + 0.5) * (hi_in[i] - lo_in[i]) / (nb * sub) for i in range(3)]
+    pts = np.stack(np.meshgrid(*mids, indexing="ij"), -1).reshape(-1, 3)
+    dens = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0)))
+    cell = np.prod((hi_in - lo_in) / (nb * sub))
+    prob = (dens * cell).reshape(nb, sub, nb, sub, nb, sub).sum(axis=(1, 3, 5))
+    assert prob.sum() > 0.3                 # a good share of the mass is tested
+    sigma = np.sqrt(prob * (1 - prob) / n)
+    assert np.all(np.abs(hist - prob) < 5 * sigma + 5e-4), np.max(np.abs(hist - prob) / sigma)
+    assert hist.max() > 2 * hist.min()      # the distribution is not flat: the test has power
+
+
+def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds():
+    model = random_model(6)
+    rng = np.random.default_rng(6)
+    x = random_x(rng, 50)
+    theta = model.sample(x, 1, seed=1)[:, 0]
+    u = pp.theta_to_u(theta)
+    with torch.no_grad():
+        lpu = model.log_prob_u(torch.as_tensor(u), torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(model.log_prob(theta, x), lpu + pp.log_det_theta_to_u(theta), rtol=1e-10)
+    out = theta.copy()
+    out[0, 1] = 8.5
+    lp = model.log_prob(out, x)
+    assert lp[0] == -np.inf and np.all(np.isfinite(lp[1:]))
+    many = model.log_prob(np.repeat(theta[:, None], 4, 1), x)
+    assert many.shape == (50, 4)
+    np.testing.assert_allclose(many[:, 2], model.log_prob(theta, x))
+
+
+def test_checkpoint_round_trip_identical_samples(tmp_path):
+    model = random_model(7, dtype=torch.float32)
+    rng = np.random.default_rng(7)
+    x = random_x(rng, 30)
+    path = tmp_path / "model.pt"
+    cinn.save(path, model, extra=dict(note="test"))
+    loaded = cinn.load(tmp_path, device="cpu")         # a run directory works too
+    np.testing.assert_array_equal(loaded.sample(x, 100, seed=3), model.sample(x, 100, seed=3))
+    np.testing.assert_array_equal(loaded.log_prob(np.full((30, 3), 1.0), x),
+                                  model.log_prob(np.full((30, 3), 1.0), x))
+    assert loaded.extra["note"] == "test"
+    assert not np.array_equal(loaded.sample(x, 100, seed=3), loaded.sample(x, 100, seed=4))
+    with pytest.raises(FileNotFoundError):
+        cinn.load(tmp_path / "missing.pt")
+
+
+def test_sample_batches_and_input_checks():
+    model = random_model(8, dtype=torch.float32)
+    rng = np.random.default_rng(8)
+    x = random_x(rng, 7)
+    s = model.sample(x, 50, seed=0, batch_rows=120)   # 2 clusters per batch
+    assert s.shape == (7, 50, 3) and np.all(np.isfinite(s))
+    one = model.sample(x[:1], 300, seed=0, batch_rows=100)  # one cluster split over batches
+    assert one.shape == (1, 300, 3)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="rows \\[3\\]"):
+        model.sample(bad, 10)

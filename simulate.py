@@ -337,6 +337,144 @@ def simulate(n, seed, chunk=1_000_000, progress=False):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# pcigale interoperability (DESIGN.md Sect. 2): configuration writer, savefluxes reader, optional pcigale run.
+
+CIGALE_MODULES = ("sfh2exp", "bc03", "dustext", "redshifting")
+CIGALE_BANDS = tuple(f"hst.wfc3.{b}" for b in BANDS)      # CIGALE's WFC3/UVIS (chip 2) filters
+CIGALE_FIXED = {                                           # everything but sfh2exp.age and dustext.E_BV
+    "sfh2exp": {"tau_main": 0.001, "tau_burst": 0.001, "f_burst": 0.0, "burst_age": 1, "sfr_0": 1.0,
+                "normalise": True},
+    "bc03": {"imf": 1, "metallicity": 0.02, "separation_age": 10},
+    "dustext": {"Rv": R_V, "law": 0, "filters": "V_B90"},
+    "redshifting": {"redshift": 0.0},
+}
+
+
+def _fmt_list(values):
+    return ", ".join(str(v) for v in values)
+
+
+def write_cigale_config(path, age_myr=(), ebv=(), parameters_file="", cores=1, init_only=False):
+    """Write a pcigale.ini for this setup (modules sfh2exp, bc03, dustext, redshifting; savefluxes).
+
+    Grid mode: pcigale computes every combination of the lists age_myr (integer Myr) x ebv. With
+    parameters_file (see write_cigale_parameters) the models are that file's rows and the lists are ignored
+    by pcigale. init_only writes just the top block, as `pcigale init` would, for `pcigale genconf` to
+    complete (genconf also writes pcigale.ini.spec, which `pcigale run` needs). Returns the path.
+    """
+    age = _check_ages(age_myr) if len(age_myr) else np.array([1])
+    ebv = _check_range("ebv", ebv, 0.0, np.inf) if len(ebv) else np.array([0.0])
+    lines = ["# pcigale configuration written by simulate.write_cigale_config (DESIGN.md Sect. 2)",
+             "data_file = ", f"parameters_file = {parameters_file}",
+             f"sed_modules = {_fmt_list(CIGALE_MODULES)}", "analysis_method = savefluxes", f"cores = {int(cores)}"]
+    if not init_only:
+        lines += [f"bands = {_fmt_list(CIGALE_BANDS)}", "properties = ", "", "[sed_modules_params]"]
+        per_module = {"sfh2exp": {"age": _fmt_list(age.tolist())}, "dustext": {"E_BV": _fmt_list(ebv.tolist())}}
+        for module in CIGALE_MODULES:
+            lines.append(f"  [[{module}]]")
+            params = {**CIGALE_FIXED[module], **per_module.get(module, {})}
+            lines += [f"    {k} = {v}" for k, v in params.items()]
+        lines += ["", "[analysis_params]", "  variables = ", "  save_sed = False", "  blocks = 1"]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_cigale_parameters(path, age_myr, ebv):
+    """pcigale parameters_file: one model per row (columns module.parameter, all parameters of all modules)."""
+    age = _check_ages(age_myr).ravel()
+    ebv = _check_range("ebv", ebv, 0.0, np.inf).ravel()
+    if age.shape != ebv.shape:
+        raise ValueError(f"age_myr ({age.shape}) and ebv ({ebv.shape}) must have the same length")
+    cols = {}
+    for module in CIGALE_MODULES:
+        for k, v in CIGALE_FIXED[module].items():
+            cols[f"{module}.{k}"] = [str(v)] * len(age)
+        if module == "sfh2exp":
+            cols["sfh2exp.age"] = [str(a) for a in age]
+        if module == "dustext":
+            cols["dustext.E_BV"] = [repr(float(e)) for e in ebv]
+    rows = [" ".join(cols)] + [" ".join(c[i] for c in cols.values()) for i in range(len(age))]
+    Path(path).write_text("\n".join(rows) + "\n")
+    return path
+
+
+def _find_column(names, wanted, path):
+    """Column of a savefluxes table for `wanted` (a property name or a band such as F275W)."""
+    if wanted in names:
+        return wanted
+    if wanted in BANDS:   # hst.wfc3.F275W (pcigale >= 2022), F275W_UVIS_CHIP2 (older databases), F275W
+        hits = [n for n in names if n.upper() in (wanted, f"HST.WFC3.{wanted}", f"{wanted}_UVIS_CHIP2")]
+        if len(hits) == 1:
+            return hits[0]
+    raise ValueError(f"{path}: no column for {wanted!r} (columns: {', '.join(names)})")
+
+
+def read_cigale_savefluxes(path):
+    """Convert pcigale savefluxes output (out/models-block-0.fits or .txt) to the simulation dict (Sect. 4).
+
+    Needs columns id, sfh.age (Myr), attenuation.E_BV, stellar.m_star and the five band fluxes (mJy);
+    sfh.integrated (formed mass, 1 when normalised) gives log10_mass; universe.redshift, if present, must be
+    0 (CIGALE then puts the model at 10 pc). Rows are returned sorted by id.
+    """
+    from astropy.table import Table
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such savefluxes file")
+    try:
+        if path.suffix.lower() in (".fits", ".fit"):
+            table = Table.read(path, format="fits")
+        else:
+            first = path.read_text().lstrip().split("\n", 1)[0]
+            table = Table.read(path, format="ascii.commented_header" if first.startswith("#") else "ascii")
+    except Exception as err:  # astropy raises many types on malformed tables
+        raise ValueError(f"{path}: cannot read as a table ({err})") from err
+    names = list(table.colnames)
+    col = {k: np.asarray(table[_find_column(names, k, path)], dtype=float)
+           for k in ("id", "sfh.age", "attenuation.E_BV", "stellar.m_star")}
+    flux = np.stack([np.asarray(table[_find_column(names, b, path)], dtype=float) for b in BANDS], axis=1)
+    formed = np.asarray(table["sfh.integrated"], dtype=float) if "sfh.integrated" in names else np.ones(len(table))
+    if "universe.redshift" in names and np.any(np.asarray(table["universe.redshift"], dtype=float) != 0):
+        raise ValueError(f"{path}: universe.redshift must be 0 (fluxes at 10 pc); run pcigale with redshift = 0")
+    bad = ~(np.isfinite(flux).all(axis=1) & (flux > 0).all(axis=1) & (formed > 0))
+    if bad.any():
+        raise ValueError(f"{path}: non-positive or non-finite flux/mass in row(s) {np.nonzero(bad)[0][:5].tolist()}")
+    age = col["sfh.age"]
+    if np.any(age != np.round(age)):
+        raise ValueError(f"{path}: sfh.age must be integer Myr, row {int(np.argmax(age != np.round(age)))}")
+    order = np.argsort(col["id"], kind="stable")
+    return {"age_myr": age[order].astype(np.int64), "log10_mass": np.log10(formed[order]),
+            "ebv": col["attenuation.E_BV"][order], "flux_10pc_mjy": flux[order],
+            "mstar_frac": (col["stellar.m_star"] / formed)[order], "bands": np.array(BANDS), "seed": np.int64(-1)}
+
+
+def simulate_pcigale(n, seed, workdir):
+    """simulate() through pcigale (if installed): same prior draw, CIGALE computes 1 Msun models, scaled here."""
+    import shutil
+    import subprocess
+    if shutil.which("pcigale") is None:
+        raise RuntimeError("--backend pcigale needs pcigale (https://cigale.lam.fr, not on PyPI) and its "
+                           "database built; `pcigale` is not on PATH. Use the default numpy backend.")
+    prior = sample_prior(n, np.random.default_rng(seed))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_cigale_parameters(workdir / "models.txt", prior["age_myr"], prior["ebv"])
+    write_cigale_config(workdir / "pcigale.ini", parameters_file="models.txt", init_only=True)
+    subprocess.run(["pcigale", "genconf"], cwd=workdir, check=True)      # writes pcigale.ini.spec
+    write_cigale_config(workdir / "pcigale.ini", parameters_file="models.txt")
+    subprocess.run(["pcigale", "run"], cwd=workdir, check=True)
+    out = next((workdir / "out" / f"models-block-0{ext}" for ext in (".fits", ".txt")
+                if (workdir / "out" / f"models-block-0{ext}").is_file()), None)
+    if out is None:
+        raise RuntimeError(f"pcigale wrote no {workdir}/out/models-block-0.fits or .txt")
+    res = read_cigale_savefluxes(out)
+    if len(res["age_myr"]) != n or not np.array_equal(res["age_myr"], prior["age_myr"]):
+        raise RuntimeError(f"{out}: models do not match the {n} requested (age mismatch)")
+    scale = 10.0 ** (prior["log10_mass"] - res["log10_mass"])
+    return {**res, "log10_mass": prior["log10_mass"], "ebv": prior["ebv"],
+            "flux_10pc_mjy": res["flux_10pc_mjy"] * scale[:, None], "seed": np.int64(seed)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line.
 
 def main(argv=None):
@@ -347,14 +485,20 @@ def main(argv=None):
     p.add_argument("--out", default="runs/sim.npz", help="output .npz (default runs/sim.npz)")
     p.add_argument("--chunk", type=int, default=1_000_000, help="clusters per chunk (bounds memory)")
     p.add_argument("--backend", choices=("numpy", "pcigale"), default="numpy",
-                   help="numpy (default) or pcigale (needs pcigale installed)")
+                   help="numpy (default) or pcigale (needs pcigale installed; slow: use small --n)")
+    p.add_argument("--cigale-dir", default=None,
+                   help="pcigale working directory (default: OUT with suffix .cigale)")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
-    if args.backend == "pcigale":
-        raise SystemExit("--backend pcigale is not available yet")
     t0 = time.perf_counter()
-    sim = simulate(args.n, args.seed, chunk=args.chunk, progress=args.n >= 1_000_000)
+    if args.backend == "pcigale":
+        try:
+            sim = simulate_pcigale(args.n, args.seed, args.cigale_dir or Path(args.out).with_suffix(".cigale"))
+        except RuntimeError as err:
+            raise SystemExit(f"simulate.py: {err}")
+    else:
+        sim = simulate(args.n, args.seed, chunk=args.chunk, progress=args.n >= 1_000_000)
     save_npz(args.out, **sim)
     print(f"wrote {args.out}: {args.n} clusters, seed {args.seed}, {time.perf_counter() - t0:.1f} s")
 

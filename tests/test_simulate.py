@@ -271,3 +271,114 @@ def test_mstar_matches_bc03_2003_4color(shared_data):
     n = len(age)
     assert np.allclose(np.log10(age), tab[:n, 0], atol=1e-5)
     assert np.max(np.abs(mstar - tab[:n, 6])) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------ pcigale interop
+
+FIXTURE = sim.TABLE_PATH.parents[1] / "tests" / "cigale_savefluxes_fixture.txt"
+
+
+def _parse_cigale_ini(text):
+    """Tiny reader of the configobj layout: {section path: {key: value}} (independent of simulate.py)."""
+    out, path = {(): {}}, ()
+    for line in text.splitlines():
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        if s.startswith("["):
+            depth = len(s) - len(s.lstrip("["))
+            path = path[:depth - 1] + (s.strip("[]"),)
+            out.setdefault(path, {})
+        else:
+            k, v = (t.strip() for t in s.split("=", 1))
+            out[path][k] = v
+    return out
+
+
+def test_write_cigale_config_grid(tmp_path):
+    p = sim.write_cigale_config(tmp_path / "pcigale.ini", age_myr=[1, 5, 100], ebv=[0.0, 0.25])
+    ini = _parse_cigale_ini(p.read_text())
+    top = ini[()]
+    assert top["sed_modules"] == "sfh2exp, bc03, dustext, redshifting"
+    assert top["analysis_method"] == "savefluxes" and top["data_file"] == "" and top["parameters_file"] == ""
+    assert top["bands"].split(", ") == [f"hst.wfc3.{b}" for b in sim.BANDS]
+    sfh = ini[("sed_modules_params", "sfh2exp")]
+    assert sfh["age"] == "1, 5, 100" and float(sfh["tau_main"]) == 0.001 == float(sfh["tau_burst"])
+    assert float(sfh["f_burst"]) == 0.0 and sfh["normalise"] == "True"
+    assert ini[("sed_modules_params", "bc03")] == {"imf": "1", "metallicity": "0.02", "separation_age": "10"}
+    dust = ini[("sed_modules_params", "dustext")]
+    assert dust["E_BV"] == "0.0, 0.25" and dust["law"] == "0" and float(dust["Rv"]) == 3.1
+    assert float(ini[("sed_modules_params", "redshifting")]["redshift"]) == 0.0
+    assert ini[("analysis_params",)]["save_sed"] == "False"
+    init = _parse_cigale_ini(sim.write_cigale_config(tmp_path / "init.ini", init_only=True).read_text())
+    assert list(init) == [()] and "sed_modules" in init[()]
+    with pytest.raises(ValueError, match="integer"):
+        sim.write_cigale_config(tmp_path / "x.ini", age_myr=[1.5], ebv=[0.1])
+
+
+def test_write_cigale_parameters_file(tmp_path):
+    from astropy.table import Table
+    p = sim.write_cigale_parameters(tmp_path / "models.txt", [3, 13750], [0.1, 1.25])
+    t = Table.read(p, format="ascii")
+    assert list(t["sfh2exp.age"]) == [3, 13750] and np.allclose(t["dustext.E_BV"], [0.1, 1.25])
+    assert all(np.all(t[c] == 0.001) for c in ("sfh2exp.tau_main", "sfh2exp.tau_burst"))
+    assert list(t["bc03.imf"]) == [1, 1] and list(t["dustext.law"]) == [0, 0]
+    modules = list(dict.fromkeys(c.split(".")[0] for c in t.colnames))
+    assert modules == list(sim.CIGALE_MODULES)             # pcigale takes the module order from the columns
+    with pytest.raises(ValueError, match="same length"):
+        sim.write_cigale_parameters(tmp_path / "m.txt", [3, 4], [0.1])
+
+
+def test_read_cigale_savefluxes_fixture(tmp_path):
+    from astropy.table import Table
+    d = sim.read_cigale_savefluxes(FIXTURE)
+    assert np.array_equal(d["age_myr"], [7, 250, 13750, 1, 4000, 10])         # sorted by id
+    assert np.allclose(d["ebv"], [0.35, 0.05, 0.123, 0.0, 0.8, 1.5])
+    assert np.all(d["log10_mass"] == 0) and tuple(d["bands"]) == sim.BANDS
+    # the fixture holds model_flux values printed to 7 digits: the converter must give them back
+    assert np.allclose(d["flux_10pc_mjy"], sim.model_flux(d["age_myr"], d["ebv"]), rtol=1e-6)
+    assert np.allclose(d["mstar_frac"], sim.mstar_fraction(d["age_myr"]), rtol=1e-6)
+    # FITS output and the older CIGALE band names (F275W_UVIS_CHIP2) read the same
+    t = Table.read(FIXTURE, format="ascii.commented_header")
+    t.rename_columns([f"hst.wfc3.{b}" for b in sim.BANDS], [f"{b}_UVIS_CHIP2" for b in sim.BANDS])
+    t["sfh.integrated"] = 1e4
+    for c in sim.BANDS:
+        t[f"{c}_UVIS_CHIP2"] *= 1e4
+    t["stellar.m_star"] *= 1e4
+    t.write(tmp_path / "models-block-0.fits")
+    f = sim.read_cigale_savefluxes(tmp_path / "models-block-0.fits")
+    assert np.allclose(f["log10_mass"], 4.0) and np.allclose(f["mstar_frac"], d["mstar_frac"], rtol=1e-12)
+    assert np.allclose(f["flux_10pc_mjy"], d["flux_10pc_mjy"] * 1e4, rtol=1e-12)
+    sim.save_npz(tmp_path / "sim.npz", **f)                 # it is a valid simulation file
+    sim.load_npz(tmp_path / "sim.npz", required=("age_myr", "log10_mass", "ebv", "flux_10pc_mjy", "mstar_frac"))
+
+
+def test_read_cigale_savefluxes_errors(tmp_path):
+    from astropy.table import Table
+    t = Table.read(FIXTURE, format="ascii.commented_header")
+    bad = t.copy()
+    bad.remove_column("hst.wfc3.F438W")
+    bad.write(tmp_path / "a.fits")
+    with pytest.raises(ValueError, match=r"a\.fits.*'F438W'"):
+        sim.read_cigale_savefluxes(tmp_path / "a.fits")
+    bad = t.copy()
+    bad["universe.redshift"][2] = 0.01
+    bad.write(tmp_path / "b.fits")
+    with pytest.raises(ValueError, match="redshift"):
+        sim.read_cigale_savefluxes(tmp_path / "b.fits")
+    bad = t.copy()
+    bad["hst.wfc3.F814W"][1] = -1.0
+    bad.write(tmp_path / "c.fits")
+    with pytest.raises(ValueError, match=r"c\.fits.*row"):
+        sim.read_cigale_savefluxes(tmp_path / "c.fits")
+    with pytest.raises(FileNotFoundError):
+        sim.read_cigale_savefluxes(tmp_path / "none.txt")
+
+
+def test_backend_pcigale(tmp_path):
+    import shutil
+    if shutil.which("pcigale") is not None:
+        pytest.skip("pcigale installed: run `python simulate.py --backend pcigale --n 20` by hand (slow)")
+    with pytest.raises(SystemExit, match="pcigale"):
+        sim.main(["--backend", "pcigale", "--n", "5", "--out", str(tmp_path / "p.npz")])
+    assert not (tmp_path / "p.npz").exists()

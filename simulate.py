@@ -227,7 +227,8 @@ def load_table(path=TABLE_PATH):
         native = native_band_flux(ebv_nodes, path)
         flux = (w @ native.reshape(native.shape[0], -1)).reshape(AGE_MAX_MYR, n_e, len(BANDS))
         mstar = w @ src["mstar"].astype(float)
-        _CACHE[key] = {"ebv_nodes": ebv_nodes, "ln_flux": np.log(flux), "mstar_frac": mstar,
+        np.log(flux, out=flux)
+        _CACHE[key] = {"ebv_nodes": ebv_nodes, "ln_flux": flux, "mstar_frac": mstar,
                        "bands": np.array(BANDS)}
     return _CACHE[key]
 

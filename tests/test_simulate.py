@@ -382,3 +382,29 @@ def test_backend_pcigale(tmp_path):
     with pytest.raises(SystemExit, match="pcigale"):
         sim.main(["--backend", "pcigale", "--n", "5", "--out", str(tmp_path / "p.npz")])
     assert not (tmp_path / "p.npz").exists()
+
+
+def test_hires_model_close_to_bc03_2003_lowres_bv(shared_data):
+    """Our (STELIB high-res) SSP vs the 2003 low-res BaSeL release that CIGALE reads: Johnson V and B-V.
+
+    BC03's .4color gives V and B at native ages; we integrate our spectra through sedpy's Bessell B, V (not
+    BC03's Buser filters, hence one constant offset). DESIGN.md expects <= 0.03 mag rms; measured rms about
+    the median: V 0.016 mag, B-V 0.024 mag (max 0.048, near 18 Myr).
+    """
+    observate = pytest.importorskip("sedpy.observate")
+    vega = pytest.importorskip("sedpy.reference_spectra").vega
+    tab = np.loadtxt(shared_data / "validation" / "bc2003_lr_m62_chab_ssp_2003release.4color")
+    src = sim.load_source()
+    n = len(src["age_yr"]) - 1                              # native ages > 0 kept in the table (<= 14 Gyr)
+    tab = tab[:n]
+    assert np.allclose(np.log10(src["age_yr"][1:]), tab[:, 0], atol=1e-5)
+    mags = []
+    for f in observate.load_filters(["bessell_B", "bessell_V"]):
+        model = sim.band_flux(src["wave_A"], src["f_nu_10pc"][1:].astype(float), f.wavelength,
+                              f.transmission)
+        ref = sim.band_flux(vega[:, 0], vega[:, 1] * vega[:, 0] ** 2, f.wavelength, f.transmission)
+        mags.append(-2.5 * np.log10(model / ref))
+    b, v = mags
+    for resid in (v - tab[:, 3], (b - v) - (tab[:, 2] - tab[:, 3])):
+        resid = resid - np.median(resid)
+        assert np.sqrt(np.mean(resid ** 2)) < 0.03 and np.max(np.abs(resid)) < 0.06

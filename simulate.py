@@ -286,14 +286,18 @@ def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None):
     w = (pos - i0)[..., None]
     rows = tab["ln_flux"].reshape(-1, len(BANDS))
     r0 = (age - 1) * n_e + i0
-    ln_f = rows[r0] * (1.0 - w) + rows[r0 + 1] * w
+    ln_f = np.take(rows, r0, axis=0)                    # ln F at the node below, (..., 5); take > fancy index
+    upper = np.take(rows, r0 + 1, axis=0)
+    upper -= ln_f                                       # in-place: ln F0 + w (ln F1 - ln F0) + ln scale
+    upper *= w
+    ln_f += upper
     ln_f += scale[..., None]
-    return np.exp(ln_f)
+    return np.exp(ln_f, out=ln_f)
 
 
 def mstar_fraction(age_myr):
     """Current stellar mass (living stars + remnants) per Msun formed at integer age(s) in Myr."""
-    return load_table()["mstar_frac"][_check_ages(age_myr) - 1]
+    return np.take(load_table()["mstar_frac"], _check_ages(age_myr) - 1)
 
 
 def sample_prior(n, rng, keep_unrounded=False):

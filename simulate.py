@@ -1,4 +1,4 @@
-"""Forward model of Walter et al. (2026, Sect. 2.1-2.2): CIGALE-equivalent star-cluster photometry.
+"""Forward model of Walter et al. (2026, A&A 706, A201): CIGALE-equivalent star-cluster photometry.
 
 What CIGALE computes for the PHANGS setup (modules sfh2exp, bc03, dustext, redshifting; DESIGN.md Sect. 2),
 rebuilt in plain numpy from the same Bruzual & Charlot (2003) SSP (Padova 1994, Chabrier IMF, Z = 0.02):
@@ -57,8 +57,11 @@ def _write_npz(path, arrays, compress=False):
             for name, value in arrays.items():
                 info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
                 info.compress_type = method
+                arr = np.asanyarray(value)
+                if arr.dtype.hasobject:
+                    raise ValueError(f"{path}: key {name!r} holds Python objects; store numbers or strings")
                 buf = io.BytesIO()
-                np.lib.format.write_array(buf, np.asanyarray(value), allow_pickle=False)
+                np.lib.format.write_array(buf, arr, allow_pickle=False)
                 zf.writestr(info, buf.getvalue())
         os.replace(tmp, path)
     finally:
@@ -213,7 +216,7 @@ def native_band_flux(ebv_nodes, path=TABLE_PATH):
 
 
 def load_table(path=TABLE_PATH):
-    """The cached model table (built on first call, ~1 s): dict with
+    """The cached model table (built on first call, about 0.5 s): dict with
 
     ebv_nodes (n_e,) 0..1.5 in steps of EBV_STEP; ln_flux (13750, n_e, 5) natural log of band flux in mJy
     at 10 pc per 1 Msun formed, row k-1 = age k Myr; mstar_frac (13750,) M*/m0 at integer age k Myr.
@@ -228,6 +231,8 @@ def load_table(path=TABLE_PATH):
         flux = (w @ native.reshape(native.shape[0], -1)).reshape(AGE_MAX_MYR, n_e, len(BANDS))
         mstar = w @ src["mstar"].astype(float)
         np.log(flux, out=flux)
+        for arr in (ebv_nodes, flux, mstar):
+            arr.flags.writeable = False                # shared cache: callers must not modify it
         _CACHE[key] = {"ebv_nodes": ebv_nodes, "ln_flux": flux, "mstar_frac": mstar,
                        "bands": np.array(BANDS)}
     return _CACHE[key]

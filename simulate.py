@@ -503,9 +503,10 @@ def main(argv=None):
         p.error("--n must be >= 1")
     t0 = time.perf_counter()
     if args.backend == "pcigale":
+        import subprocess
         try:
             sim = simulate_pcigale(args.n, args.seed, args.cigale_dir or Path(args.out).with_suffix(".cigale"))
-        except RuntimeError as err:
+        except (RuntimeError, subprocess.CalledProcessError) as err:
             raise SystemExit(f"simulate.py: {err}")
     else:
         sim = simulate(args.n, args.seed, chunk=args.chunk, progress=args.n >= 1_000_000)

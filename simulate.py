@@ -21,7 +21,6 @@ read_cigale_savefluxes, --backend pcigale).
     python simulate.py --n 5000000 --seed 1 --out runs/sim.npz
 """
 import argparse
-import io
 import os
 import sys
 import time
@@ -60,9 +59,8 @@ def _write_npz(path, arrays, compress=False):
                 arr = np.asanyarray(value)
                 if arr.dtype.hasobject:
                     raise ValueError(f"{path}: key {name!r} holds Python objects; store numbers or strings")
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, arr, allow_pickle=False)
-                zf.writestr(info, buf.getvalue())
+                with zf.open(info, "w", force_zip64=True) as fh:     # streamed: no in-memory copy
+                    np.lib.format.write_array(fh, arr, allow_pickle=False)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

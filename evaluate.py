@@ -523,7 +523,7 @@ def plot_modes(samples, summary, path, n_examples=3):
     and marginal histograms with the 16/50/84 % quantiles."""
     plt = _plt()
     n = min(n_examples, len(samples))
-    fig, axes = plt.subplots(n, 4, figsize=(13, 3.0 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 5, figsize=(16, 3.0 * n), squeeze=False)
     for i in range(n):
         s, m, q = samples[i], summary["modes"][i], summary["quantiles"][i]
         for j, (a, b) in enumerate([(0, 1), (0, 2)]):
@@ -534,15 +534,16 @@ def plot_modes(samples, summary, path, n_examples=3):
             ax.set_xlabel(PARAM_LABELS[a])
             ax.set_ylabel(PARAM_LABELS[b])
         axes[i, 0].set_title(f"cluster {i}", fontsize=9)
-        for j, p in enumerate([0, 2]):
-            ax = axes[i, 2 + j]
+        for p in range(3):
+            ax = axes[i, 2 + p]
             ax.hist(s[:, p], bins=60, color="0.5", density=True)
             for v in q[:, p]:
-                ax.axvline(v, color="C0", ls="--", lw=0.8)
-            ax.axvline(m[0, p], color="C3", lw=1.2)
+                ax.axvline(v, color="C0", ls="--", lw=0.8, label="16/50/84 %" if v == q[0, p] else None)
+            ax.axvline(m[0, p], color="C3", lw=1.2, label="MAP")
             ax.set_xlabel(PARAM_LABELS[p])
             ax.set_ylabel("posterior density")
     axes[0, 0].legend(fontsize=7)
+    axes[0, 2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

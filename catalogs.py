@@ -642,11 +642,11 @@ def log10_mstar(theta):
     return out
 
 
-def posterior_summary(samples):
-    """evaluate.summarize plus log current stellar mass: dict of (N, K, 4) modes and (N, 3, 4) quantiles
-    over RESULT_PARAMS (log age, log m0, log M*, E(B-V))."""
+def posterior_summary(samples, summ=None):
+    """evaluate.summarize (or its result `summ`) plus log current stellar mass: dict of (N, K, 4) modes and
+    (N, 3, 4) quantiles over RESULT_PARAMS (log age, log m0, log M*, E(B-V))."""
     import evaluate
-    summ = evaluate.summarize(samples)
+    summ = evaluate.summarize(samples) if summ is None else summ
     modes3, q3 = summ["modes"], summ["quantiles"]
     lms = log10_mstar(samples)  # (N, S)
     modes = np.concatenate([modes3[..., :2], log10_mstar(modes3)[..., None], modes3[..., 2:]], axis=-1)
@@ -655,18 +655,25 @@ def posterior_summary(samples):
     return {"modes": modes, "quantiles": quant, "n_modes": summ["n_modes"]}
 
 
-def grid_mle(obs):
-    """grid_posterior.mle on the kept clusters -> dict with theta (N, 4) over RESULT_PARAMS, lo, hi, chi2."""
-    import grid_posterior
-    m = grid_posterior.mle(obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
-    theta3 = np.stack([np.log10(m["age_myr"]), m["log10_mass"], m["ebv"]], axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lo = np.stack([np.log10(m["age_myr_lo"]), m["log10_mass_lo"], m["ebv_lo"]], axis=-1)
-        hi = np.stack([np.log10(m["age_myr_hi"]), m["log10_mass_hi"], m["ebv_hi"]], axis=-1)
+def with_mstar(theta3, lo3=None, hi3=None):
+    """(N, 3) theta in (log age, log m0, E(B-V)) -> (N, 4) over RESULT_PARAMS, inserting log current stellar
+    mass; lo/hi ranges of log m0 are shifted by the same log M*/m0 of the central age."""
     ms = log10_mstar(theta3)
-    shift = ms - theta3[:, 1]  # the current/initial mass ratio at the MLE age, applied to the mass range
-    return {"theta": np.insert(theta3, 2, ms, axis=1), "lo": np.insert(lo, 2, lo[:, 1] + shift, axis=1),
-            "hi": np.insert(hi, 2, hi[:, 1] + shift, axis=1), "theta3": theta3}
+    out = [np.insert(theta3, 2, ms, axis=1)]
+    shift = ms - theta3[:, 1]
+    for r in (lo3, hi3):
+        if r is not None:
+            out.append(np.insert(r, 2, r[:, 1] + shift, axis=1))
+    return out if len(out) > 1 else out[0]
+
+
+def to_initial_mass(theta_cur):
+    """(log age, log current stellar mass, E(B-V)) -> (log age, log m0, E(B-V)) via simulate.mstar_fraction."""
+    theta_cur = np.asarray(theta_cur, float)
+    out = theta_cur.copy()
+    out[:, 1] = theta_cur[:, 1] - (log10_mstar(np.stack([theta_cur[:, 0], np.zeros(len(theta_cur)),
+                                                          theta_cur[:, 2]], -1)))
+    return out
 
 
 def catalogue_estimates(est):
@@ -728,31 +735,56 @@ def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None):
 
 
 def run_catalog(args):
-    """`evaluate.py catalog`: catalogue -> cINN samples -> summary, chi^2, flags, inliers -> tables, figures."""
-    import cinn
+    """`evaluate.py catalog`: catalogue -> cINN samples -> summary, chi^2, flags, inliers -> tables, figures.
+
+    Writes OUT.ecsv and OUT.fits (result_table), OUT_obs.npz (the observations fed to the cINN),
+    OUT_inliers.ecsv (Table 1 against the grid MLE and/or the catalogue's own estimates) and, unless
+    --no-figures, evaluate.plot_compare figures (Fig. 6 MAP/closest mode vs reference, Fig. 8 chi^2,
+    Fig. B.3 deviation vs width) as OUT_vs_grid_mle_*.png and OUT_vs_catalogue_*.png.
+    """
     import evaluate
     import simulate
     from astropy.table import vstack
     out = Path(args.out)
     stem = out.with_suffix("") if out.suffix.lower() in (".ecsv", ".fits") else out
     obs, est, reports = read_many(args.input, args.format, args.distance, args.columns)
+    n = len(obs["id"])
     if len(reports) > 1:
-        print(f"total: {sum(r['rows'] for r in reports)} rows, kept {len(obs['id'])}", file=sys.stderr)
-    evaluate.log(f"catalog: {len(obs['id'])} clusters, {args.samples} samples each, model {args.model}")
-    model = cinn.load(args.model, device=getattr(args, "device", None))
-    samples = model.sample(obs["x"], args.samples, seed=args.seed)
+        print(f"all inputs: {sum(r['rows'] for r in reports)} rows, kept {n}", file=sys.stderr)
+    evaluate.log(f"catalog: {n} clusters, {args.samples} samples each, model {args.model}")
+    model = evaluate.load_model(args.model, getattr(args, "device", None))
+    samples = evaluate.draw_samples(model, obs["x"], args.samples, args.seed)
     evaluate.log("catalog: modes and quantiles (mean-shift)")
-    summ = posterior_summary(samples)
-    map3 = summ["modes"][:, 0, [0, 1, 3]]
+    summ3 = evaluate.summarize(samples)
+    summ = posterior_summary(samples, summ3)
     sigma = obs["rel_err"] * obs["flux_mjy"]
-    chi2_map = evaluate.resim_chi2(evaluate.resimulate(map3, obs["distance_mpc"]), obs["flux_mjy"], sigma)
-    mle = chi2_mle = None
+    chi2_map = evaluate.resim_chi2(evaluate.resimulate(summ3["modes"][:, 0], obs["distance_mpc"]),
+                                   obs["flux_mjy"], sigma)
+    mle = chi2_mle = res_grid = None
     if not args.no_mle:
+        import grid_posterior
         evaluate.log("catalog: grid MLE (grid_posterior.mle)")
-        mle = grid_mle(obs)
-        chi2_mle = evaluate.resim_chi2(evaluate.resimulate(mle["theta3"], obs["distance_mpc"]), obs["flux_mjy"],
-                                       sigma)
+        m = grid_posterior.mle(obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"], progress=True)
+        th, lo, hi = evaluate.mle_theta(m)
+        res_grid = evaluate.compare_with_mle(summ3, th, lo, hi, obs)
+        theta4, lo4, hi4 = with_mstar(th, lo, hi)
+        mle, chi2_mle = {"theta": theta4, "lo": lo4, "hi": hi4}, res_grid["chi2_mle"]
     table = result_table(obs, est, summ, chi2_map, mle, chi2_mle)
+    cat, clo, chi = catalogue_estimates(est)
+    res_cat = None
+    if np.isfinite(cat).any():
+        sel = [0, 2, 3]  # catalogue masses are current stellar masses: compare with log M*, not log m0
+        ok = np.all(np.isfinite(cat), axis=1)
+        chi2_cat = np.full(n, np.nan)
+        chi2_cat[ok] = evaluate.resim_chi2(evaluate.resimulate(to_initial_mass(cat[ok]), obs["distance_mpc"][ok]),
+                                           obs["flux_mjy"][ok], sigma[ok])
+        table["chi2_resim_cat"] = chi2_cat
+        table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
+        modes_c, q_c = summ["modes"][:, :, sel], summ["quantiles"][:, :, sel]
+        res_cat = {"map": modes_c[:, 0], "closest": evaluate.closest_mode(modes_c, cat), "mle": cat,
+                   "mle_lo": clo, "mle_hi": chi, "quantiles": q_c, "nu": 5, "chi2_map": chi2_map,
+                   "chi2_mle": chi2_cat}
+        res_cat.update(evaluate.inlier_fractions(cat, clo, chi, q_c, modes_c[:, 0]))
     table.meta.update({"model": str(args.model), "samples": int(args.samples), "seed": int(args.seed),
                        "inputs": [str(p) for p in args.input], "format": args.format})
     write_table_atomic(table, stem.with_suffix(".ecsv"))
@@ -760,31 +792,51 @@ def run_catalog(args):
     simulate.save_npz(f"{stem}_obs.npz", **{k: v for k, v in obs.items() if k != "field"},
                       field=obs["field"].astype(str))
     inl = []
-    map4, q4 = summ["modes"][:, 0], summ["quantiles"]
     if mle is not None:
-        inl.append(inlier_table("grid MLE", mle["theta"], mle["lo"], mle["hi"], q4, map4, RESULT_PARAMS))
-    cat, lo, hi = catalogue_estimates(est)
-    if np.isfinite(cat).any():
-        sel = [0, 2, 3]  # catalogue masses are current stellar masses
-        inl.append(inlier_table(f"catalogue ({args.format})", cat, lo, hi, q4[:, :, sel], map4[:, sel],
+        inl.append(inlier_table("grid MLE", mle["theta"], mle["lo"], mle["hi"], summ["quantiles"],
+                                summ["modes"][:, 0], RESULT_PARAMS))
+    if res_cat is not None:
+        inl.append(inlier_table(f"catalogue ({args.format})", cat, clo, chi, res_cat["quantiles"], res_cat["map"],
                                 [RESULT_PARAMS[i] for i in sel]))
     if inl:
         inl = vstack(inl)
         write_table_atomic(inl, Path(f"{stem}_inliers.ecsv"))
-        print("Table 1 inliers (%):")
-        for r in inl:
-            print(f"  {r['reference']:<20} {r['parameter']:<14} ref in cINN 16-84 %: {r['ref_in_cinn_16_84_pct']:5.1f}"
-                  f" (n={r['n_ref_in_cinn']})   cINN MAP in ref 1 sigma: {r['cinn_map_in_ref_1sigma_pct']:5.1f}"
-                  f" (n={r['n_map_in_ref']})")
+        print(format_inliers(inl))
+    figures = []
     if not args.no_figures:
-        catalog_figures(stem, summ, mle, est, args.format)
-    print(f"flags: " + ", ".join(f"{k} {int(np.count_nonzero(obs['flags'] & b))}" for k, b in FLAG_BITS.items()))
-    print(f"median chi2_resim (MAP): {np.nanmedian(chi2_map):.2f}"
-          + (f", (grid MLE): {np.nanmedian(chi2_mle):.2f}" if chi2_mle is not None else ""))
-    print(f"wrote {stem.with_suffix('.ecsv')} and {stem.with_suffix('.fits')} ({len(table)} clusters)")
+        if res_grid is not None:
+            evaluate.plot_compare(res_grid, f"{stem}_vs_grid_mle")
+            figures.append(f"{stem}_vs_grid_mle_{{map_vs_mle,chi2,width}}.png")
+        if res_cat is not None:
+            _plot_compare_current_mass(res_cat, f"{stem}_vs_catalogue")
+            figures.append(f"{stem}_vs_catalogue_{{map_vs_mle,chi2,width}}.png")
+    print("flagged (kept): " + ", ".join(f"{k} {int(np.count_nonzero(obs['flags'] & b))}"
+                                          for k, b in FLAG_BITS.items()))
+    print(f"median chi2_resim (Eq. 11, nu = 5): cINN MAP {np.nanmedian(chi2_map):.2f}"
+          + (f", grid MLE {np.nanmedian(chi2_mle):.2f}" if chi2_mle is not None else "")
+          + (f", catalogue {np.nanmedian(res_cat['chi2_mle']):.2f}" if res_cat is not None else ""))
+    print(f"wrote {stem.with_suffix('.ecsv')}, {stem.with_suffix('.fits')} ({len(table)} clusters)"
+          + (f", {stem}_inliers.ecsv" if len(inl) else "") + "".join(", " + f for f in figures))
     return table
 
 
-def catalog_figures(stem, summ, mle, est, fmt):
-    """Fig. 6 / B.1-B.3 style figures through evaluate.py's plotting functions (filled in below)."""
-    return []
+def format_inliers(inl):
+    """Table 1 as text: reference, parameter, share of reference values in the cINN 16-84 % interval and share
+    of cINN MAPs inside the reference's 1 sigma range."""
+    lines = ["Table 1 inliers:",
+             f"  {'reference':<20} {'parameter':<14} {'ref in cINN 16-84 %':>20} {'cINN MAP in ref 1 sigma':>24}"]
+    for r in inl:
+        lines.append(f"  {r['reference']:<20} {r['parameter']:<14} {r['ref_in_cinn_16_84_pct']:12.1f} % "
+                     f"(n={r['n_ref_in_cinn']:4d}) {r['cinn_map_in_ref_1sigma_pct']:15.1f} % (n={r['n_map_in_ref']:4d})")
+    return "\n".join(lines)
+
+
+def _plot_compare_current_mass(res, prefix):
+    """evaluate.plot_compare with the mass axis labelled as current stellar mass (what catalogues report)."""
+    import evaluate
+    labels = evaluate.PARAM_LABELS
+    evaluate.PARAM_LABELS = (labels[0], r"$\log_{10}(M_*/M_\odot)$", labels[2])
+    try:
+        evaluate.plot_compare(res, prefix)
+    finally:
+        evaluate.PARAM_LABELS = labels

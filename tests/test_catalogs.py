@@ -441,8 +441,7 @@ def test_run_catalog_smoke(tmp_path):
     ap = argparse.ArgumentParser()
     catalogs.add_catalog_parser(ap.add_subparsers())
     args = ap.parse_args(["catalog", "--input", str(tmp_path / "syn.fits"), "--format", "phangs", "--distance", "10",
-                          "--model", str(tmp_path), "--out", str(tmp_path / "res.ecsv"), "--samples", "300",
-                          "--no-mle", "--no-figures"])
+                          "--model", str(tmp_path), "--out", str(tmp_path / "res.ecsv"), "--samples", "300"])
     tab = args.func(args)
     ecsv = Table.read(tmp_path / "res.ecsv")
     fits = Table.read(tmp_path / "res.fits")
@@ -457,12 +456,19 @@ def test_run_catalog_smoke(tmp_path):
     assert np.all(ecsv["log10_mstar_map"] <= ecsv["log10_mass_map"] + 1e-12)
     assert np.all(np.isfinite(ecsv["chi2_resim_map"]))
     inl = Table.read(tmp_path / "res_inliers.ecsv")
-    assert list(inl["parameter"]) == ["log10_age_myr", "log10_mstar", "ebv"]
+    assert list(inl["reference"]) == ["grid MLE"] * 4 + ["catalogue (phangs)"] * 3
+    assert list(inl["parameter"]) == list(catalogs.RESULT_PARAMS) + ["log10_age_myr", "log10_mstar", "ebv"]
+    inl = inl[inl["reference"] == "catalogue (phangs)"]
+    for what in ("vs_grid_mle", "vs_catalogue"):
+        for fig in ("map_vs_mle", "chi2", "width"):
+            assert (tmp_path / f"res_{what}_{fig}.png").stat().st_size > 1000
+    # the grid MLE minimises chi^2: it beats the truth (the catalogue column here) up to the E(B-V) node spacing
+    assert np.mean(ecsv["chi2_resim_mle"] <= ecsv["chi2_resim_cat"] * 1.01 + 1e-6) >= 0.9
     # the truth (stored as the catalogue estimate) inside the 16-84 % interval, recomputed by hand
     inside = (np.log10(kept["PHANGS_AGE_MINCHISQ"]) >= ecsv["log10_age_myr_q16"]) & (
         np.log10(kept["PHANGS_AGE_MINCHISQ"]) <= ecsv["log10_age_myr_q84"])
     assert inl["ref_in_cinn_16_84_pct"][0] == pytest.approx(100 * inside.mean())
     # same seed -> same table
-    args.out = str(tmp_path / "res2.ecsv")
+    args.out, args.no_mle, args.no_figures = str(tmp_path / "res2.ecsv"), True, True
     args.func(args)
     np.testing.assert_array_equal(Table.read(tmp_path / "res2.ecsv")["ebv_q50"], ecsv["ebv_q50"])

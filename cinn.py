@@ -52,7 +52,7 @@ def mlp(n_in, n_out, width, depth):
     """depth hidden layers of `width` ReLU units, then a linear output layer."""
     layers, n = [], n_in
     for _ in range(depth):
-        layers += [nn.Linear(n, width), nn.ReLU()]
+        layers += [nn.Linear(n, width), nn.SiLU()]
         n = width
     layers.append(nn.Linear(n, n_out))
     return nn.Sequential(*layers)

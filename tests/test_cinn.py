@@ -63,7 +63,7 @@ def test_density_of_random_model_integrates_to_one_in_u_space():
     model = random_model(4)
     rng = np.random.default_rng(4)
     x = torch.as_tensor(random_x(rng, 1))
-    g = np.linspace(-8, 8, 97)
+    g = np.linspace(-8, 8, 81)
     h = g[1] - g[0]
     grid = torch.as_tensor(np.stack(np.meshgrid(g, g, g, indexing="ij"), -1).reshape(-1, 3))
     with torch.no_grad():

@@ -50,6 +50,7 @@ WFC3_UVIS_VEGA_TO_AB = {"F275W": 1.4909, "F336W": 1.1383, "F438W": -0.1813, "F55
 
 LEGUS_NOT_IN_FOV = 66.666  # LEGUS magnitude sentinel: source outside the frame
 LEGUS_NOT_DETECTED = 99.999  # LEGUS magnitude sentinel: not detected
+# (44.444, aperture correction undefined, appears only in the CI-based catalogues: caught as an invalid magnitude)
 FLUX_SENTINELS = (-9999.0, -999.0, -99.0)  # common "missing" values in flux tables
 LEGUS_MIN_COLUMNS = 34  # id ... visual class (mode); published files have 35-37
 
@@ -427,7 +428,7 @@ def read_legus(path, distance_mpc):
     reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
                ("not in the field of view in a band (66.666)", not_fov.any(axis=1)),
                ("not detected in a band (99.999)", not_det.any(axis=1)),
-               ("invalid magnitude in a band (NaN or sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
+               ("invalid magnitude in a band (NaN, 44.444 or other sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
                ("invalid magnitude error in a band (NaN, < 0 or sentinel)", bad_err.any(axis=1))]
     fitted = a[:, 16] > 0  # LEGUS writes zeros for sources it did not fit (Nflt < 4)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -740,7 +741,8 @@ def run_catalog(args):
     Writes OUT.ecsv and OUT.fits (result_table), OUT_obs.npz (the observations fed to the cINN),
     OUT_inliers.ecsv (Table 1 against the grid MLE and/or the catalogue's own estimates) and, unless
     --no-figures, evaluate.plot_compare figures (Fig. 6 MAP/closest mode vs reference, Fig. 8 chi^2,
-    Fig. B.3 deviation vs width) as OUT_vs_grid_mle_*.png and OUT_vs_catalogue_*.png.
+    Fig. B.3 deviation vs width) as OUT_vs_grid_mle_*.png and OUT_vs_catalogue_*.png, and example posteriors
+    of the three most multimodal clusters (evaluate.plot_modes) as OUT_examples.png.
     """
     import evaluate
     import simulate
@@ -810,6 +812,10 @@ def run_catalog(args):
         if res_cat is not None:
             _plot_compare_current_mass(res_cat, f"{stem}_vs_catalogue")
             figures.append(f"{stem}_vs_catalogue_{{map_vs_mle,chi2,width}}.png")
+        multi = np.argsort(-summ3["n_modes"], kind="stable")[:3]  # the most multimodal clusters first
+        evaluate.plot_modes(samples[multi], {k: summ3[k][multi] for k in ("modes", "quantiles")},
+                            f"{stem}_examples.png", n_examples=3)
+        figures.append(f"{stem}_examples.png")
     print("flagged (kept): " + ", ".join(f"{k} {int(np.count_nonzero(obs['flags'] & b))}"
                                           for k, b in FLAG_BITS.items()))
     print(f"median chi2_resim (Eq. 11, nu = 5): cINN MAP {np.nanmedian(chi2_map):.2f}"

@@ -259,13 +259,13 @@ def test_legus_sentinels_and_classes(tmp_path):
             legus_row(3, mags=(21, 99.999, 22, 22.2, 21.8), errs=(.1, 99.999, .05, .05, .05)),
             legus_row(4, mags=(21, 21.5, -9999, 22.2, 21.8)), legus_row(5, mags=(21, 21.5, float("nan"), 22.2, 21.8)),
             legus_row(6, errs=(.1, .1, -0.05, .05, .05)), legus_row(7, cls=3.0), legus_row(8, cls=2.0),
-            legus_row(9, errs=(0.2, 0.1, 0.05, 0.05, 0.05))]
+            legus_row(9, errs=(0.2, 0.1, 0.05, 0.05, 0.05)), legus_row(10, mags=(21, 21.5, 22, 44.444, 21.8))]
     obs, est, rep = catalogs.read_legus(legus_file(tmp_path, rows), 10.0)
     assert obs["id"].tolist() == [1, 8, 9]
     d = rep["dropped"]
     assert d["not in the field of view in a band (66.666)"] == 1
     assert d["not detected in a band (99.999)"] == 1
-    assert d["invalid magnitude in a band (NaN or sentinel)"] == 2
+    assert d["invalid magnitude in a band (NaN, 44.444 or other sentinel)"] == 3
     assert d["invalid magnitude error in a band (NaN, < 0 or sentinel)"] == 1
     assert d["class not 1 or 2"] == 1
     # 0.2 mag -> 18.4 % flux error -> UV flag? no (< 40 %); rel_err flag? no
@@ -462,6 +462,7 @@ def test_run_catalog_smoke(tmp_path):
     for what in ("vs_grid_mle", "vs_catalogue"):
         for fig in ("map_vs_mle", "chi2", "width"):
             assert (tmp_path / f"res_{what}_{fig}.png").stat().st_size > 1000
+    assert (tmp_path / "res_examples.png").stat().st_size > 1000
     # the grid MLE minimises chi^2: it beats the truth (the catalogue column here) up to the E(B-V) node spacing
     assert np.mean(ecsv["chi2_resim_mle"] <= ecsv["chi2_resim_cat"] * 1.01 + 1e-6) >= 0.9
     # the truth (stored as the catalogue estimate) inside the 16-84 % interval, recomputed by hand

@@ -267,3 +267,16 @@ def test_missing_truth_is_a_clear_error(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="true theta is NaN"):
         ev.main(["sbc", "--model", str(tiny_run / "model.pt"), "--obs", str(tmp_path / "real.npz"),
                  "--out", str(tmp_path / "x")])
+
+
+def test_mle_theta_converts_ages_and_widens_to_the_grid_cell():
+    th, lo, hi = ev.mle_theta({"age_myr": np.array([1.0, 100.0]), "age_myr_lo": np.array([1.0, 90.0]),
+                               "age_myr_hi": np.array([1.0, 110.0]), "log10_mass": np.array([4.0, 5.0]),
+                               "ebv": np.array([0.1, 0.2]), "ebv_lo": np.array([0.0, 0.1]),
+                               "ebv_hi": np.array([0.2, 0.3])})
+    np.testing.assert_allclose(th, [[0.0, 4.0, 0.1], [2.0, 5.0, 0.2]])
+    np.testing.assert_allclose(lo[:, 0], np.log10([0.5, 89.5]))
+    np.testing.assert_allclose(hi[:, 0], np.log10([1.5, 110.5]))
+    assert np.all(np.isnan(lo[:, 1])) and np.all(hi[:, 2] == [0.2, 0.3])
+    with pytest.raises(ValueError, match="ebv"):
+        ev.mle_theta({"age_myr": np.ones(2), "log10_mass": np.ones(2)})

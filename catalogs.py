@@ -431,16 +431,16 @@ def read_legus(path, distance_mpc):
                ("invalid magnitude in a band (NaN, 44.444 or other sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
                ("invalid magnitude error in a band (NaN, < 0 or sentinel)", bad_err.any(axis=1))]
     fitted = a[:, 16] > 0  # LEGUS writes zeros for sources it did not fit (Nflt < 4)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        est = {"age_myr": np.where(fitted, a[:, 16] / 1e6, np.nan),
-               "age_myr_hi": np.where(fitted, a[:, 17] / 1e6, np.nan),
-               "age_myr_lo": np.where(fitted, a[:, 18] / 1e6, np.nan),
-               "log10_mass": _log10_positive(np.where(fitted, a[:, 19], np.nan)),
-               "log10_mass_hi": _log10_positive(np.where(fitted, a[:, 20], np.nan)),
-               "log10_mass_lo": _log10_positive(np.where(fitted, a[:, 21], np.nan)),
-               "ebv": np.where(fitted, a[:, 22], np.nan),
-               "ebv_hi": np.where(fitted, a[:, 23], np.nan),
-               "ebv_lo": np.where(fitted, a[:, 24], np.nan)}
+    ranged = fitted & ((a[:, 17] > 0) | (a[:, 18] > 0))  # max = min = 0: no 68 % range given
+    est = {"age_myr": np.where(fitted, a[:, 16] / 1e6, np.nan),
+           "age_myr_hi": np.where(ranged, a[:, 17] / 1e6, np.nan),
+           "age_myr_lo": np.where(ranged, a[:, 18] / 1e6, np.nan),
+           "log10_mass": _log10_positive(np.where(fitted, a[:, 19], np.nan)),
+           "log10_mass_hi": _log10_positive(np.where(ranged, a[:, 20], np.nan)),
+           "log10_mass_lo": _log10_positive(np.where(ranged, a[:, 21], np.nan)),
+           "ebv": np.where(fitted, a[:, 22], np.nan),
+           "ebv_hi": np.where(ranged, a[:, 23], np.nan),
+           "ebv_lo": np.where(ranged, a[:, 24], np.nan)}
     return _finish(path, "legus", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="legus")
 
 
@@ -683,6 +683,7 @@ def catalogue_estimates(est):
         theta = np.stack([np.log10(est["age_myr"]), est["log10_mass"], est["ebv"]], axis=-1)
         lo = np.stack([np.log10(est["age_myr_lo"]), est["log10_mass_lo"], est["ebv_lo"]], axis=-1)
         hi = np.stack([np.log10(est["age_myr_hi"]), est["log10_mass_hi"], est["ebv_hi"]], axis=-1)
+    lo = np.where(np.isneginf(lo), -99.0, lo)  # value - error <= 0: unbounded below, still a usable range
     return theta, lo, hi
 
 

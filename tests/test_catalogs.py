@@ -273,6 +273,11 @@ def test_legus_sentinels_and_classes(tmp_path):
     np.testing.assert_allclose(obs["rel_err"][2, 0], np.hypot(0.4 * np.log(10) * 0.2, 0.05))
     np.testing.assert_allclose(est["log10_mass"], 4.0)
     np.testing.assert_allclose(est["age_myr_hi"], 8.0)
+    # LEGUS writes max = min = 0 when it gives no 68 % range: NaN, not a zero-width range at 0
+    no_range = legus_row(1).split()
+    no_range[17] = no_range[18] = no_range[20] = no_range[21] = "0.0"
+    _, est, _ = catalogs.read_legus(legus_file(tmp_path, [" ".join(no_range) + "\n"], name="x.tab"), 10.0)
+    assert est["age_myr"][0] == 7.0 and np.isnan([est["age_myr_lo"][0], est["log10_mass_hi"][0], est["ebv_lo"][0]]).all()
 
 
 @pytest.mark.parametrize("bad,match", [

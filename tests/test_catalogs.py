@@ -478,3 +478,36 @@ def test_run_catalog_smoke(tmp_path):
     args.out, args.no_mle, args.no_figures = str(tmp_path / "res2.ecsv"), True, True
     args.func(args)
     np.testing.assert_array_equal(Table.read(tmp_path / "res2.ecsv")["ebv_q50"], ecsv["ebv_q50"])
+
+
+@HYP
+@given(st.lists(st.tuples(st.sampled_from(["ok", "nan", "zero", "neg", "sentinel", "err_nan", "err_neg"]),
+                          st.integers(0, 4), st.sampled_from([1, 2, 3, 4]), st.integers(0, 1), st.integers(0, 1)),
+                min_size=1, max_size=10))
+def test_read_phangs_property(tmp_path_factory, rows):
+    """Any mix of bad values, classes and flags: kept rows are exactly the valid ones; the rest are counted."""
+    tmp = tmp_path_factory.mktemp("ph")
+    t = phangs_table(n=len(rows))
+    value = {"nan": np.nan, "zero": 0.0, "neg": -0.5, "sentinel": -9999.0}
+    valid = []
+    for i, (kind, band, cls, nocov, nodet) in enumerate(rows):
+        b = BANDS[band]
+        if kind in value:
+            t[f"PHANGS_{b}_mJy_TOT"][i] = value[kind]
+        elif kind == "err_nan":
+            t[f"PHANGS_{b}_mJy_TOT_ERR"][i] = np.nan
+        elif kind == "err_neg":
+            t[f"PHANGS_{b}_mJy_TOT_ERR"][i] = -1.0
+        t["PHANGS_CLUSTER_CLASS_HUMAN"][i] = cls
+        t["PHANGS_NO_COVERAGE_FLAG"][i] = nocov
+        t["PHANGS_NON_DETECTION_FLAG"][i] = nodet
+        valid.append(kind == "ok" and cls in (1, 2) and nocov == 0 and nodet == 0)
+    t.write(tmp / "p.fits")
+    if not any(valid):
+        with pytest.raises(ValueError, match="no cluster passes"):
+            catalogs.read_phangs(tmp / "p.fits", 10.0)
+        return
+    obs, est, rep = catalogs.read_phangs(tmp / "p.fits", 10.0)
+    assert obs["id"].tolist() == [i + 1 for i, v in enumerate(valid) if v]
+    assert rep["rows"] == len(rows) == rep["kept"] + sum(rep["dropped"].values())
+    assert np.all(np.isfinite(obs["x"]))

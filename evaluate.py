@@ -248,8 +248,9 @@ def mean_shift(samples, bandwidth=None, max_modes=3, kernel="gaussian", max_seed
 
     # binned seeding: centroids of the most populated cells of size h
     cells = np.floor(zs / h).astype(np.int64)
-    _, inverse, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
+    cells -= cells.min(axis=0)
+    key = np.ravel_multi_index(cells.T, cells.max(axis=0) + 1)      # one integer per cell (fast unique)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     sums = np.zeros((len(counts), d))
     np.add.at(sums, inverse, zs)
     order = np.argsort(-counts, kind="stable")[:max_seeds]

@@ -592,7 +592,7 @@ def plot_compare(res, path_prefix):
         w = np.linspace(0, np.nanmax(width[:, p]) if np.isfinite(width[:, p]).any() else 1, 10)
         ax.plot(w, w / 2, "k--", lw=0.8, label="half 16-84 % width")
         ax.set_xlabel("cINN 16-84 % width of " + PARAM_LABELS[p])
-        ax.set_ylabel("|MAP - MLE|")
+        ax.set_ylabel("|MAP - MLE| of " + PARAM_LABELS[p])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{path_prefix}_width.png", dpi=110)

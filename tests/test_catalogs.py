@@ -177,6 +177,7 @@ def test_read_phangs_duplicate_ids(tmp_path):
         catalogs.read_phangs(tmp_path / "p.fits", 10.0)
 
 
+@pytest.mark.filterwarnings("ignore:File may have been truncated")
 def test_read_phangs_empty_truncated_missing(tmp_path):
     phangs_table()[:0].write(tmp_path / "empty.fits")
     with pytest.raises(ValueError, match="empty.fits: the table has no rows"):

@@ -156,6 +156,9 @@ def fit(model, train, val, cfg, seed, out_dir=None, stop_after=None, max_minutes
         os.makedirs(out_dir, exist_ok=True)
     if last and os.path.exists(last):
         ckpt = torch.load(last, map_location=device, weights_only=True)
+        if ckpt["train_config"] != cfg or ckpt["seed"] != int(seed):
+            raise ValueError(f"{last} was written with train config {ckpt['train_config']} and seed "
+                             f"{ckpt['seed']}; resuming with {cfg} and seed {seed} would not reproduce that run")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

@@ -96,6 +96,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert torch.equal(p, q)
     assert res_full["history"]["val_nll"] == res_resumed["history"]["val_nll"]
     assert res_resumed["epochs_run"] == 4
+    with pytest.raises(ValueError, match="would not reproduce"):
+        train.fit(new_model(), data, val, dict(TINY_TRAIN, lr=2e-3), seed=5, out_dir=str(tmp_path / "b"))
     a, b = cinn.load(tmp_path / "a"), cinn.load(tmp_path / "b")
     xx = data["x"][:5].numpy()
     np.testing.assert_array_equal(a.sample(xx, 20, seed=1), b.sample(xx, 20, seed=1))

@@ -1,0 +1,71 @@
+"""Throughput of the cINN: training samples/s, posterior samples/s and log_prob evaluations/s.
+
+    python benchmarks/bench_train.py [--profile quick] [--threads 1 2] [--steps 60] [--device cpu]
+
+Uses random inputs with the shapes of real training data (the cost does not depend on the values), so it runs
+without simulated data. Prints figures; asserts nothing. Also prints the projected wall time of the profile's
+training run (epochs x training-set size / throughput) for a given number of training clusters.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cinn    # noqa: E402
+import train   # noqa: E402
+
+
+def train_throughput(cfg, steps, device):
+    """Training samples/s of full optimisation steps (forward, Eq. 4 loss + L2, backward, clip, Adam)."""
+    rng = np.random.default_rng(0)
+    bs = cfg["train"]["batch_size"]
+    n = bs * steps
+    u = torch.as_tensor(rng.normal(size=(n, 3)), dtype=torch.float32, device=device)
+    x = torch.as_tensor(rng.normal(size=(n, 11)), dtype=torch.float32, device=device)
+    model = cinn.CINN(cfg["model"], seed=0).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["train"]["lr"])
+    gen = torch.Generator().manual_seed(0)
+    train.train_one_epoch(model, opt, u[:bs * 5], x[:bs * 5], cfg["train"], gen)     # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train.train_one_epoch(model, opt, u, x, cfg["train"], gen)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0), model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--profile", default="quick", choices=sorted(train.PROFILES))
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=60, help="optimisation steps timed per setting")
+    p.add_argument("--n-train", type=int, default=360_000, help="training-set size for the projection")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    device = train.pick_device(args.device)
+    cfg = train.resolve_config(args.profile)
+    print(f"profile {args.profile}: model {cfg['model']}, batch {cfg['train']['batch_size']}, device {device}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        sps, model = train_throughput(cfg, args.steps, device)
+        minutes = cfg["train"]["epochs"] * args.n_train / sps / 60
+        print(f"threads {threads}: training {sps:9.0f} samples/s -> {cfg['train']['epochs']} epochs of "
+              f"{args.n_train} clusters in {minutes:.1f} min (plus validation)")
+        x = np.random.default_rng(1).normal(size=(100, 11))
+        t0 = time.perf_counter()
+        model.sample(x, 1000, seed=0)
+        t1 = time.perf_counter()
+        model.log_prob(np.full((100_000, 3), 1.0), np.repeat(x, 1000, axis=0))
+        t2 = time.perf_counter()
+        print(f"threads {threads}: sample {1e5 / (t1 - t0):9.0f} samples/s;  log_prob {1e5 / (t2 - t1):9.0f} "
+              f"points/s")
+
+
+if __name__ == "__main__":
+    main()

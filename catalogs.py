@@ -609,7 +609,8 @@ def add_catalog_parser(subparsers):
     p.add_argument("--model", required=True, help="cINN checkpoint or run directory holding model.pt")
     p.add_argument("--out", required=True, help="result table path; .ecsv and .fits are both written")
     p.add_argument("--samples", type=int, default=10000, help="posterior samples per cluster (paper: 1e4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical tables)")
+    p.add_argument("--device", default=None, help="torch device for the cINN (default: cuda if available)")
     p.add_argument("--no-mle", action="store_true", help="skip the grid MLE (grid_posterior.mle)")
     p.add_argument("--no-figures", action="store_true")
     p.set_defaults(func=run_catalog)
@@ -755,7 +756,7 @@ def run_catalog(args):
     if len(reports) > 1:
         print(f"all inputs: {sum(r['rows'] for r in reports)} rows, kept {n}", file=sys.stderr)
     evaluate.log(f"catalog: {n} clusters, {args.samples} samples each, model {args.model}")
-    model = evaluate.load_model(args.model, getattr(args, "device", None))
+    model = evaluate.load_model(args.model, args.device)
     samples = evaluate.draw_samples(model, obs["x"], args.samples, args.seed)
     evaluate.log("catalog: modes and quantiles (mean-shift)")
     summ3 = evaluate.summarize(samples)

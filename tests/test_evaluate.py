@@ -86,6 +86,26 @@ def test_sbc_catches_overnarrow_and_biased_samplers(width, bias):
     assert sum(outside[:3]) == 3, summ       # every marginal statistic is flagged
 
 
+
+def test_sbc_product_statistics_catch_wrong_correlations():
+    """Correlated toy posterior (corr(log t, log m) ~ 0.75); a sampler with exact marginals but no correlation
+    passes T1-T3 and fails T4 = log t * log m: the reason for the product statistics."""
+    rng = np.random.default_rng(11)
+    cov0 = np.array([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    theta = MU0 + rng.multivariate_normal(np.zeros(3), cov0, N_PAIRS)
+    x = theta + S_NOISE * rng.standard_normal((N_PAIRS, 3))
+    prec0 = np.linalg.inv(cov0)
+    cov_p = np.linalg.inv(prec0 + np.eye(3) / S_NOISE ** 2)
+    mean_p = (prec0 @ MU0 + x / S_NOISE ** 2) @ cov_p.T
+    z = rng.standard_normal((N_PAIRS, L, 3))
+    good = mean_p[:, None, :] + z @ np.linalg.cholesky(cov_p).T
+    no_corr = mean_p[:, None, :] + z * np.sqrt(np.diag(cov_p))
+    s_good = ev.sbc_summary(ev.sbc_ranks(good, theta), L)
+    s_bad = ev.sbc_summary(ev.sbc_ranks(no_corr, theta), L)
+    assert s_good["all_inside_simultaneous"], s_good
+    assert all(s["inside_simultaneous_band"] for s in s_bad["statistics"][:3]), s_bad
+    assert not s_bad["statistics"][3]["inside_simultaneous_band"], s_bad
+
 def test_plot_sbc_writes_png(tmp_path):
     rng = np.random.default_rng(2)
     ranks = rng.integers(0, 21, size=(300, 6))

@@ -647,6 +647,8 @@ def load_model(path, device=None):
     import os
     import torch
     import cinn
+    if path is None:
+        raise ValueError("this subcommand needs --model (a cINN checkpoint or run directory)")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     return cinn.load(path, device=device)
 

@@ -806,6 +806,12 @@ def run_catalog(args):
         inl = vstack(inl)
         write_table_atomic(inl, Path(f"{stem}_inliers.ecsv"))
         print(format_inliers(inl))
+        fields = list(dict.fromkeys(obs["field"]))
+        if len(fields) > 1:
+            by_field = inliers_by_field(obs["field"], fields, summ, mle, (cat, clo, chi) if res_cat is not None
+                                        else None, args.format)
+            write_table_atomic(by_field, Path(f"{stem}_inliers_by_field.ecsv"))
+            print(f"per-field Table 1 inliers in {stem}_inliers_by_field.ecsv")
     figures = []
     if not args.no_figures:
         if res_grid is not None:
@@ -826,6 +832,28 @@ def run_catalog(args):
     print(f"wrote {stem.with_suffix('.ecsv')}, {stem.with_suffix('.fits')} ({len(table)} clusters)"
           + (f", {stem}_inliers.ecsv" if len(inl) else "") + "".join(", " + f for f in figures))
     return table
+
+
+def inliers_by_field(field, fields, summ, mle, cat, fmt):
+    """Table 1 per field (several catalogues in one run): one row per field, reference and parameter."""
+    from astropy.table import vstack
+    rows = []
+    for f in fields:
+        s = np.asarray(field == f)
+        q, mp = summ["quantiles"][s], summ["modes"][s, 0]
+        if mle is not None:
+            rows.append(inlier_table("grid MLE", mle["theta"][s], mle["lo"][s], mle["hi"][s], q, mp, RESULT_PARAMS))
+            rows[-1]["field"] = f
+        if cat is not None:
+            sel = [0, 2, 3]
+            rows.append(inlier_table(f"catalogue ({fmt})", cat[0][s], cat[1][s], cat[2][s], q[:, :, sel],
+                                     mp[:, sel], [RESULT_PARAMS[i] for i in sel]))
+            rows[-1]["field"] = f
+    t = vstack(rows)
+    t.add_column(t["field"], index=0, name="field_")
+    t.remove_column("field")
+    t.rename_column("field_", "field")
+    return t
 
 
 def format_inliers(inl):

@@ -512,3 +512,30 @@ def test_read_phangs_property(tmp_path_factory, rows):
     assert obs["id"].tolist() == [i + 1 for i, v in enumerate(valid) if v]
     assert rep["rows"] == len(rows) == rep["kept"] + sum(rep["dropped"].values())
     assert np.all(np.isfinite(obs["x"]))
+
+
+def test_inliers_by_field_matches_hand_count():
+    rng = np.random.default_rng(4)
+    n = 9
+    q = np.sort(rng.normal(size=(n, 3, 4)), axis=1)
+    modes = rng.normal(size=(n, 3, 4))
+    th = rng.normal(size=(n, 4))
+    mle = {"theta": th, "lo": th - 0.5, "hi": th + 0.5}
+    field = np.array(list("aaabbbbcc"))
+    t = catalogs.inliers_by_field(field, ["a", "b", "c"], {"quantiles": q, "modes": modes}, mle, None, "legus")
+    assert len(t) == 3 * 4 and t.colnames[0] == "field"
+    s = field == "b"
+    inside = (th[s, 1] >= q[s, 0, 1]) & (th[s, 1] <= q[s, 2, 1])
+    row = t[(t["field"] == "b") & (t["parameter"] == "log10_mass")][0]
+    assert row["ref_in_cinn_16_84_pct"] == pytest.approx(100 * inside.mean())
+    in_mle = np.abs(modes[s, 0, 1] - th[s, 1]) <= 0.5
+    assert row["cinn_map_in_ref_1sigma_pct"] == pytest.approx(100 * in_mle.mean())
+
+
+def test_read_many_concatenates_fields(tmp_path):
+    for name, n in (("hlsp_phangs-cat_hst_uvis_ngc1433_multi_v1_x.fits", 4), ("hlsp_phangs-cat_hst_uvis_ngc628_multi_v1_x.fits", 3)):
+        phangs_table(n=n).write(tmp_path / name)
+    paths = sorted(tmp_path.glob("*.fits"))
+    obs, est, reports = catalogs.read_many(paths, "phangs", 9.0)
+    assert obs["field"].tolist() == ["ngc1433"] * 4 + ["ngc628"] * 3
+    assert len(obs["x"]) == len(est["age_myr"]) == 7 and [r["kept"] for r in reports] == [4, 3]

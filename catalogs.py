@@ -20,7 +20,8 @@ in all five bands. Rows outside the training domain are kept and flagged, never 
     uv_err       catalogue relative flux error above 40 % in F275W or F336W (paper Sect. 3.2.4)
 
 `python evaluate.py catalog ...` (registered by add_catalog_parser) runs a trained cINN on a catalogue and
-writes the result table (run_catalog). make_synthetic_phangs writes a PHANGS-format FITS file from the
+writes the result table (run_catalog). `python catalogs.py read ...` only reads and reports (optionally writing
+the observation .npz); `python catalogs.py synthetic ...` writes a synthetic PHANGS-format catalogue. make_synthetic_phangs writes a PHANGS-format FITS file from the
 forward model, for tests and for pipeline.py.
 """
 import argparse

@@ -300,3 +300,17 @@ def test_mle_theta_converts_ages_and_widens_to_the_grid_cell():
     assert np.all(np.isnan(lo[:, 1])) and np.all(hi[:, 2] == [0.2, 0.3])
     with pytest.raises(ValueError, match="ebv"):
         ev.mle_theta({"age_myr": np.ones(2), "log10_mass": np.ones(2)})
+
+
+@pytest.mark.slow
+def test_cli_exact_runs_on_two_clusters(tiny_run):
+    """`exact` against grid_posterior (tens of seconds per cluster on a busy CPU, hence slow)."""
+    pytest.importorskip("grid_posterior")
+    simulate = pytest.importorskip("simulate")
+    d = tiny_run
+    res = ev.main(["exact", "--model", str(d / "model.pt"), "--obs", str(d / "test.npz"), "--n", "2",
+                   "--samples", "500", "--examples", "2", "--out", str(d / "exact")])
+    out = simulate.load_npz(d / "exact" / "exact.npz", required=("logp_exact", "logq_cinn", "map_exact"))
+    assert np.all(np.isfinite(out["logp_exact"])) and np.all(np.isfinite(out["logq_cinn"]))
+    assert res["kl_mean_nats"] == pytest.approx(np.mean(out["logp_exact"] - out["logq_cinn"]))
+    assert (d / "exact" / "exact_examples.png").stat().st_size > 0

@@ -234,12 +234,12 @@ def test_ppc_ranks_uniform_when_posterior_is_the_truth():
 # ---------------------------------------------------------------- CLI smoke test on a tiny untrained cINN
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A tiny (untrained) cINN checkpoint and 40 simulated test clusters."""
+    """A tiny (untrained) cINN checkpoint and 24 simulated test clusters."""
     simulate = pytest.importorskip("simulate")
     preprocess = pytest.importorskip("preprocess")
     cinn = pytest.importorskip("cinn")
     d = tmp_path_factory.mktemp("evalrun")
-    obs = preprocess.observe(simulate.simulate(40, seed=3), np.random.default_rng(4))
+    obs = preprocess.observe(simulate.simulate(24, seed=3), np.random.default_rng(4))
     simulate.save_npz(d / "test.npz", **obs)
     model = cinn.CINN(dict(n_blocks=2, width=16, cond_dim=8, cond_width=16),
                       x_mean=obs["x"].mean(0), x_std=obs["x"].std(0))
@@ -261,11 +261,11 @@ def test_cli_subcommands_write_outputs_and_are_reproducible(tiny_run, capsys):
     a = simulate.load_npz(d / "sbc1" / "sbc.npz")
     b = simulate.load_npz(d / "sbc2" / "sbc.npz")
     np.testing.assert_array_equal(a["ranks"], b["ranks"])            # same seed -> identical numbers
-    assert a["ranks"].shape == (40, 6) and a["ranks"].max() <= 20
+    assert a["ranks"].shape == (24, 6) and a["ranks"].max() <= 20
     ev.main(["ppc", *common, "--samples", "50", "--out", str(d / "ppc")])
-    ev.main(["modes", *common, "--samples", "500", "--out", str(d / "modes" / "post.npz")])
+    ev.main(["modes", *common, "--samples", "300", "--out", str(d / "modes" / "post.npz")])
     post = simulate.load_npz(d / "modes" / "post.npz", required=("modes", "quantiles"))
-    assert post["modes"].shape == (40, 3, 3) and post["quantiles"].shape == (40, 3, 3)
+    assert post["modes"].shape == (24, 3, 3) and post["quantiles"].shape == (24, 3, 3)
     ev.main(["compare", "--obs", str(d / "test.npz"), "--mle", str(d / "mle.npz"), "--summary",
              str(d / "modes" / "post.npz"), "--out", str(d / "cmp")])
     cmp = simulate.load_npz(d / "cmp" / "compare.npz", required=("chi2_map", "chi2_mle", "mle_in_cinn"))

@@ -1,0 +1,213 @@
+"""Tests of grid_posterior: likelihood vs scipy, quadrature vs a brute-force dense grid, SBC of the exact
+posterior (passes with the right likelihood, fails with wrong ones), MLE, CLI.
+
+Most tests use a small synthetic model table (same layout as simulate.load_table) so they run in seconds;
+the SBC on the real BC03 table with >= 500 clusters is marked slow.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import grid_posterior as gp
+
+ROOT = Path(__file__).resolve().parents[1]
+KAPPA = np.array([6.2, 5.1, 4.2, 3.3, 1.9]) * 0.4 * np.log(10.0)   # ~ A_band / E(B-V) in ln flux
+
+
+def synthetic_table(n_age=120, ebv_step=0.05):
+    """ln F (n_age, n_e, 5): fading, reddening-with-age SED with wiggles, dust with a small curvature."""
+    k = np.arange(1, n_age + 1, dtype=float)
+    la = np.log10(k)
+    b = np.arange(5)
+    base = -1.2 * np.log(k)[:, None] * (1.0 - 0.15 * b) + 0.8 * np.sin(2.2 * la[:, None] + 0.9 * b) - 2.0
+    e = np.linspace(0.0, 1.5, int(round(1.5 / ebv_step)) + 1)
+    lnf = base[:, None, :] - KAPPA * e[None, :, None] + 0.05 * e[None, :, None] ** 2 * b
+    return {"ebv_nodes": e, "ln_flux": lnf}
+
+
+def simulate_obs(table, n, rng):
+    """Independent implementation of the generative model (DESIGN Sect. 3) on a table."""
+    n_age = table["ln_flux"].shape[0]
+    e = table["ebv_nodes"]
+    k = np.clip(np.rint(10.0 ** rng.uniform(0.0, np.log10(n_age), n)), 1, n_age).astype(int)
+    logm = rng.uniform(2.0, 8.0, n)
+    ebv = rng.uniform(e[0], e[-1], n)
+    label = np.log10(k + rng.uniform(-0.5, 0.5, n))
+    d = rng.uniform(1.0, 30.0, n)
+    lnF = np.array([[np.interp(ebv[i], e, table["ln_flux"][k[i] - 1, :, b]) for b in range(5)]
+                    for i in range(n)])
+    f = np.exp(lnF + logm[:, None] * np.log(10.0)) * (1e-5 / d[:, None]) ** 2
+    r = rng.uniform(0.0, 0.5, f.shape)
+    s2 = np.log1p(r ** 2)
+    fs = np.exp(np.log(f) - s2 / 2 + np.sqrt(s2) * rng.standard_normal(f.shape))
+    return np.stack([label, logm, ebv], axis=1), fs, r * f / fs, d, k
+
+
+@pytest.fixture(scope="module")
+def table():
+    return synthetic_table()
+
+
+def test_age_prior_matches_rounding():
+    lp = gp.log_prior_age(13750)
+    p = np.exp(lp)
+    assert abs(p.sum() - 1) < 1e-12
+    assert abs(p[0] - 0.0426) < 5e-4                                  # P(1) = log10(1.5)/log10(13750)
+    assert abs(p[-1] / p[-2] - 0.5) < 1e-3                            # last cell half width
+    rng = np.random.default_rng(0)
+    k = np.clip(np.rint(10 ** rng.uniform(0, np.log10(13750), 2_000_000)), 1, 13750).astype(int)
+    emp = np.bincount(k - 1, minlength=13750)
+    for a, b in ((1, 2), (3, 10), (100, 300), (10000, 13750)):
+        assert abs(emp[a - 1:b].sum() / 2e6 - p[a - 1:b].sum()) < 5 * np.sqrt(p[a - 1:b].sum() / 2e6)
+
+
+def test_band_loglike_equals_lognormal_times_sigma_factor():
+    """l(y) + ln 2 - 2 ln f* - ln sqrt(2 pi) = ln[(2/f) LogNormal(f*; mean f, sd sigma)] (scipy)."""
+    rng = np.random.default_rng(1)
+    f = rng.uniform(0.5, 2.0, 200)
+    r = rng.uniform(0.0, 0.5, 200)
+    sigma = r * f
+    s = np.sqrt(np.log1p(r ** 2))
+    fs = f * np.exp(-s ** 2 / 2 + s * rng.standard_normal(200))
+    ref = np.log(2 / f) + stats.lognorm.logpdf(fs, s, scale=f * np.exp(-s ** 2 / 2))
+    got = gp.band_loglike(np.log(f / fs), sigma / fs) + np.log(2) - 2 * np.log(fs) - 0.5 * np.log(2 * np.pi)
+    assert np.allclose(got, ref, atol=1e-9)
+    # support edge: sigma > f/2 is impossible
+    assert gp.band_loglike(np.log(0.99 * 2 * 0.3), 0.3) == -np.inf
+    assert np.isfinite(gp.band_loglike(np.log(1.01 * 2 * 0.3), 0.3))
+    ref_g = np.log(2 / f) + stats.norm.logpdf(fs, f, sigma)           # the deliberately wrong model
+    got_g = gp.band_loglike(np.log(f / fs), sigma / fs, "gaussian") + np.log(2 / fs / sigma) \
+        - 0.5 * np.log(2 * np.pi)
+    assert np.allclose(got_g, ref_g, atol=1e-9)
+
+
+def brute_force(table, fs, rs, d, m_window, n_e=3001, dm=1e-3):
+    """Independent dense-grid posterior: every age, fine uniform E(B-V) and log-mass grids (the mass grid only
+    over m_window, which must hold all the posterior mass), direct l(y), trapezoid rule."""
+    e_nodes = table["ebv_nodes"]
+    e = np.linspace(e_nodes[0], e_nodes[-1], n_e)
+    m = np.arange(max(m_window[0], 2.0), min(m_window[1], 8.0) + dm / 2, dm)
+    n_age = table["ln_flux"].shape[0]
+    lp = gp.log_prior_age(n_age)
+    logp = np.empty((n_age, n_e, len(m)))
+    for k in range(n_age):
+        lnF = np.stack([np.interp(e, e_nodes, table["ln_flux"][k, :, b]) for b in range(5)], -1)
+        y = lnF[:, None, :] + m[None, :, None] * np.log(10) + 2 * np.log(1e-5 / d) - np.log(fs)
+        logp[k] = gp.band_loglike(y, rs).sum(-1) + lp[k]
+    we = np.full(n_e, e[1] - e[0]); we[[0, -1]] /= 2
+    wm = np.full(len(m), m[1] - m[0]); wm[[0, -1]] /= 2
+    top = logp.max()
+    p = np.exp(logp - top) * we[None, :, None] * wm[None, None, :]
+    log_z = top + np.log(p.sum()) - np.log(1.5 * 6.0)
+    p /= p.sum()
+    pe, pm = p.sum((0, 2)), p.sum((0, 1))
+    return {"age": p.sum((1, 2)), "ebv_cdf": (e, np.cumsum(pe) - pe / 2), "m_cdf": (m, np.cumsum(pm) - pm / 2),
+            "log_z": log_z}
+
+
+def test_quadrature_matches_brute_force_dense_grid():
+    """Pruned adaptive quadrature == dense regular grid (independent code), incl. small r* (edge modes)
+    and r* > 0.5 (likelihood peak at the support edge sigma = f/2)."""
+    tab = synthetic_table(n_age=5, ebv_step=0.1)
+    rng = np.random.default_rng(2)
+    theta, fs, rs, d, k = simulate_obs(tab, 400, rng)
+    srt = np.sort(rs, axis=1)
+    sharp = np.nonzero((srt[:, 0] > 0.01) & (srt[:, 1] < 0.05))[0][0]   # two bands with small r*: edge modes
+    edge = np.argmax(rs.max(axis=1))                                  # r* > 0.5: peak at the support edge
+    assert rs[edge].max() > 1.0
+    for i in (sharp, edge):
+        post = gp.exact_posterior(fs[i], rs[i], d[i], table=tab)
+        m = post["log10_mass"]
+        ref = brute_force(tab, fs[i], rs[i], d[i], (m.min() - 0.2, m.max() + 0.2), n_e=4001 if i == sharp else 1201,
+                          dm=1e-3 if i == sharp else 2e-3)
+        # Z to 3 % where the likelihood peaks at the support edge (midpoint rule at the jump), else 0.3 %
+        assert abs(post["log_z"] - ref["log_z"]) < (3e-2 if i == edge else 3e-3), i
+        assert np.abs(post["age_pmf"] - ref["age"]).max() < (1e-2 if i == edge else 2e-3), i
+        for param, key in ((1, "m_cdf"), (2, "ebv_cdf")):
+            x, c = ref[key]
+            mid = (c > 0.01) & (c < 0.99)
+            err = np.abs(gp.marginal_cdf(post, param, x[mid]) - c[mid]).max()
+            assert err < (1.5e-2 if i == edge else 1e-2), (i, param)     # quantiles to ~0.02 sd
+
+
+def test_refinement_converged(table):
+    """Doubling the resolution and deepening the pruning changes quantiles by < 2e-3 and log Z by < 0.01."""
+    rng = np.random.default_rng(3)
+    theta, fs, rs, d, k = simulate_obs(table, 5, rng)
+    for i in range(5):
+        a = gp.exact_posterior(fs[i], rs[i], d[i], table=table)
+        b = gp.exact_posterior(fs[i], rs[i], d[i], table=table, resolution=3.0, tail=45.0)
+        assert np.abs(a["quantiles"] - b["quantiles"]).max() < 2e-3
+        assert abs(a["log_z"] - b["log_z"]) < 1e-2
+
+
+def test_log_density_consistent_with_cells(table):
+    """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label
+    density t' ln 10 in log10 t' coordinates; -inf outside the prior."""
+    rng = np.random.default_rng(4)
+    theta, fs, rs, d, k = simulate_obs(table, 3, rng)
+    posts = gp.exact_posterior(fs, rs, d, table=table)
+    for i, post in enumerate(posts):
+        sel = post["prob"] > 1e-4 * post["prob"].max()
+        th = np.stack([np.log10(post["k"][sel]), post["log10_mass"][sel], post["ebv"][sel]], axis=1)
+        ld = gp.log_density(th[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1], posts=[post], table=table)[0]
+        ref = np.log(post["prob"][sel] / (post["d_ebv"][sel] * post["d_log10_mass"][sel])
+                     * post["k"][sel] * np.log(10))
+        w = post["prob"][sel] / post["prob"][sel].sum()
+        assert np.sum(w * np.abs(ld - ref)) < 0.02
+    out = gp.log_density(np.array([[1.0, 9.0, 0.5], [1.0, 5.0, 1.6], [np.log10(0.4), 5, 0.5]])[:, None],
+                         np.repeat(fs[:1], 3, 0), np.repeat(rs[:1], 3, 0), np.repeat(d[:1], 3),
+                         posts=posts[:1] * 3, table=table)
+    assert np.all(out == -np.inf)
+
+
+def test_samples_follow_quantiles(table):
+    rng = np.random.default_rng(5)
+    theta, fs, rs, d, k = simulate_obs(table, 2, rng)
+    for i in range(2):
+        post = gp.exact_posterior(fs[i], rs[i], d[i], table=table)
+        s = gp.sample_posterior(post, 40000, np.random.default_rng(0))
+        q = np.quantile(s, gp.QUANTILES, axis=0).T
+        spread = post["quantiles"][:, 2] - post["quantiles"][:, 0]
+        assert np.all(np.abs(q - post["quantiles"]) < 0.03 * spread[:, None] + 1e-3)
+        # label jitter: samples fill the age bins
+        frac = 10 ** s[:, 0] - np.round(10 ** s[:, 0])
+        assert abs(frac.std() - np.sqrt(1 / 12)) < 0.01
+    a = gp.sample_posterior(post, 100, np.random.default_rng(7))
+    b = gp.sample_posterior(post, 100, np.random.default_rng(7))
+    assert np.array_equal(a, b)
+
+
+def sbc_pvalues(table, n, likelihood, seed, n_samples=99):
+    """SBC of the grid posterior: ranks of the truth among posterior draws; chi^2 test of the rank
+    histogram (10 bins) and KS test of the PIT u = F_marginal(truth) ~ U(0, 1), per parameter."""
+    rng = np.random.default_rng(seed)
+    theta, fs, rs, d, k = simulate_obs(table, n, rng)
+    ranks = np.empty((n, 3), int)
+    pit = np.empty((n, 3))
+    for i in range(n):
+        post = gp.exact_posterior(fs[i], rs[i], d[i], table=table, likelihood=likelihood)
+        s = gp.sample_posterior(post, n_samples, rng)
+        ranks[i] = (s < theta[i]).sum(0)
+        pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
+    hist = np.stack([np.bincount(ranks[:, j] * 10 // (n_samples + 1), minlength=10) for j in range(3)])
+    p_chi2 = np.array([stats.chisquare(h).pvalue for h in hist])
+    p_ks = np.array([stats.kstest(pit[:, j], "uniform").pvalue for j in range(3)])
+    return p_chi2, p_ks
+
+
+def test_sbc_exact_posterior_is_calibrated_and_test_has_power():
+    """Right likelihood: ranks uniform (all p > 1e-3). Wrong likelihoods (no p(sigma|f) factor, Gaussian
+    noise): the same test rejects (some p < 1e-4) -- so this test can fail."""
+    tab = synthetic_table(n_age=60, ebv_step=0.1)
+    p_chi2, p_ks = sbc_pvalues(tab, 500, "exact", seed=11)
+    print("SBC exact: chi2 p", p_chi2, "KS p", p_ks)
+    assert np.all(p_chi2 > 1e-3) and np.all(p_ks > 1e-3)
+    for wrong in ("no_sigma_factor", "gaussian"):
+        q_chi2, q_ks = sbc_pvalues(tab, 500, wrong, seed=11)
+        print(f"SBC {wrong}: chi2 p", q_chi2, "KS p", q_ks)
+        assert min(q_chi2.min(), q_ks.min()) < 1e-4, wrong

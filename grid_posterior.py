@@ -34,12 +34,13 @@ Public API (CONTRACT.md): exact_posterior, log_density, sample_posterior, mle, C
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 LN10 = np.log(10.0)
 LOG_MASS_RANGE = (2.0, 8.0)
-LIKELIHOODS = ("exact", "no_sigma_factor", "gaussian")
+LIKELIHOODS = ("exact", "no_sigma_factor", "no_2_over_f", "gaussian", "naive_lognormal")
 QUANTILES = (0.16, 0.50, 0.84)
 PARAM_LABELS = ("log$_{10}$(age / Myr)", "log$_{10}$(M$_0$ / M$_\\odot$)", "E(B$-$V) / mag")
 
@@ -90,14 +91,17 @@ def band_loglike(y, rstar, likelihood="exact"):
     with np.errstate(over="ignore", divide="ignore", invalid="ignore", under="ignore"):
         if likelihood == "gaussian":
             ll = -0.5 * ((1.0 - np.exp(y)) / r) ** 2 - y
-        elif likelihood in ("exact", "no_sigma_factor"):
+        elif likelihood == "naive_lognormal":
+            s2 = np.log1p(r * r) * np.ones_like(y)
+            ll = -(y - 0.5 * s2) ** 2 / (2.0 * s2)
+        elif likelihood in ("exact", "no_sigma_factor", "no_2_over_f"):
             s2 = np.log1p(r * r * np.exp(-2.0 * y))
             ll = -0.5 * np.log(s2) - (y - 0.5 * s2) ** 2 / (2.0 * s2)
             if likelihood == "exact":
                 ll = ll - y
         else:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if likelihood != "no_sigma_factor":
+        if likelihood in ("exact", "gaussian", "no_2_over_f"):
             ll = np.where(y >= np.log(2.0 * r), ll, -np.inf)
     return np.where(np.isnan(ll), -np.inf, ll)
 
@@ -105,7 +109,7 @@ def band_loglike(y, rstar, likelihood="exact"):
 def _band_profile(rstar, likelihood):
     """l(y) of one band on a y grid that resolves its main peak and the support edge."""
     s = np.sqrt(np.log1p(rstar ** 2))
-    lo = np.log(2.0 * rstar) if likelihood != "no_sigma_factor" else -25.0
+    lo = np.log(2.0 * rstar) if likelihood in ("exact", "gaussian", "no_2_over_f") else -25.0
     hi = 40.0                                   # model 10^17 x brighter than observed: far beyond any fit
     y = np.concatenate([np.linspace(lo, 8.0, 6001), np.linspace(8.0, hi, 641), np.linspace(-15 * s, 15 * s, 801),
                         lo + np.linspace(0.0, 0.2, 201)])
@@ -220,7 +224,8 @@ def _seed_lower_bound(prep, off, rstar, likelihood):
     best = np.argsort(chi, axis=None)[:40]
     ia, ie = np.unravel_index(best, chi.shape)
     s_eff = 1.0 / np.sqrt(w.sum())
-    edge = np.max(np.log(2.0 * rstar) - a[ia, ie], axis=1) if likelihood != "no_sigma_factor" else mu[ia, ie]
+    edge = np.max(np.log(2.0 * rstar) - a[ia, ie], axis=1) if likelihood in ("exact", "gaussian", "no_2_over_f") \
+        else mu[ia, ie]
     grid = np.concatenate([mu[ia, ie][:, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
                            edge[:, None] + s_eff * np.linspace(1e-6, 6, 25)[None, :]], axis=1)
     grid = np.clip(grid, LOG_MASS_RANGE[0] * LN10, LOG_MASS_RANGE[1] * LN10)
@@ -381,7 +386,7 @@ def _lookup_tables(profiles, windows, likelihood, rstar, per_sd=32):
 EDGE_SPLIT = 4      # the first mass cell of a row (at the support edge sigma = f/2 when it binds) is split in 4
 
 
-def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, chunk=50_000):
+def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr=-np.inf, chunk=50_000):
     """Log-likelihood on a midpoint grid in mu' = ln m for each row (linear interpolation in the per-band
     tables). A row's n cells of width h_row = (hi - lo)/n <= h, the first one split into EDGE_SPLIT cells: where
     the support edge binds the likelihood may jump there and fall steeply. Returns per cell: row index, mu',
@@ -414,7 +419,8 @@ def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, chunk=50_000):
             L += t[j]
             u *= dt[j]
             L += u
-        out.append((rows, mu, width, L, (i <= EDGE_SPLIT) | (i == m[rows] - 1)))
+        keep = L >= thr                                             # below the pruning level: negligible
+        out.append((rows[keep], mu[keep], width[keep], L[keep], ((i <= EDGE_SPLIT) | (i == m[rows] - 1))[keep]))
         r0 = r1
     return tuple(np.concatenate([o[c] for o in out]) for c in range(5))
 
@@ -458,7 +464,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     if len(k) == 0:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
     tabs = _lookup_tables(profiles, windows, likelihood, r)
-    rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h)
+    rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr)
     lpa = prep["log_prior_age"]
     logw = lpa[k[rows] - 1] + np.log(dee[rows] / (prep["e"][-1] - prep["e"][0])) \
         + np.log(width / LN10 / (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0])) + L
@@ -601,13 +607,17 @@ def log_density(theta, flux_mjy, rel_err, distance_mpc, posts=None, table=None, 
 # ----------------------------------------------------------------------------------------------------------
 # CIGALE-style maximum likelihood (minimum chi^2 with Gaussian errors, mass solved analytically).
 
-def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=64, chunk_ages=500, progress=False):
+def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, progress=False):
     """Minimum chi^2 over the (age, E(B-V) node) grid, chi^2 = sum_b (f*_b - m F_b)^2 / sigma_b^2 with
-    sigma = rel_err * flux and the mass m solved by weighted least squares for each grid point.
+    sigma = rel_err * flux and the mass m solved by weighted least squares for each grid point (CIGALE-style;
+    real data: rel_err already holds the 5 % systematic of Eq. 10).
 
-    Returns dict of (N,) arrays: age_myr, ebv, log10_mass, chi2 and the 1-sigma ranges (Delta chi^2 <= 1
-    profile intervals over the grid, mass interval including its own least-squares error) age_myr_lo/_hi,
-    ebv_lo/_hi, log10_mass_lo/_hi.
+    chi^2(cell) = S0 - u^2 / v, u = sum_b F_b f*_b / sigma_b^2, v = sum_b F_b^2 / sigma_b^2, m = u / v.
+    Pass 1 (float32 matrix products, batches of clusters): best u^2/v per age. Pass 2 (float64): every cell of
+    the ages within Delta chi^2 <= 1 (+ float32 margin) of the best: exact minimum and the 1-sigma ranges.
+
+    Returns dict of (N,) arrays: age_myr, ebv, log10_mass, chi2, and Delta chi^2 <= 1 profile ranges over the
+    grid age_myr_lo/_hi, ebv_lo/_hi, log10_mass_lo/_hi (the mass range includes its least-squares error).
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     f, r, d = np.atleast_2d(f), np.atleast_2d(r), np.atleast_1d(d)
@@ -615,39 +625,43 @@ def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=64, chunk_ages=500, p
     if "F" not in prep:
         prep["F"] = np.exp(prep["A"]).reshape(-1, 5)
         prep["F2"] = prep["F"] ** 2
+        prep["F32"], prep["F2_32"] = prep["F"].astype(np.float32), prep["F2"].astype(np.float32)
     F, F2, e = prep["F"], prep["F2"], prep["e"]
     n_age, n_e = prep["A"].shape[:2]
     N = len(f)
     sig = r * f
-    scale = (1e-5 / d) ** 2                      # flux at distance = m F scale
+    w1_all, w2_all = f / sig ** 2, 1.0 / sig ** 2
+    s0 = np.sum((f / sig) ** 2, axis=1)
+    scale = (1e-5 / d) ** 2                                          # flux at distance = m F scale
     out = {key: np.empty(N) for key in ("age_myr", "ebv", "log10_mass", "chi2", "age_myr_lo", "age_myr_hi",
                                         "ebv_lo", "ebv_hi", "log10_mass_lo", "log10_mass_hi")}
     t0 = time.time()
     for b0 in range(0, N, batch):
         sl = slice(b0, min(b0 + batch, N))
-        w1 = (f[sl] / sig[sl] ** 2).T                               # (5, n)
-        w2 = (1.0 / sig[sl] ** 2).T
-        s0 = np.sum((f[sl] / sig[sl]) ** 2, axis=1)
-        n = w1.shape[1]
-        age_best = np.full((n_age, n), -np.inf)                     # max over E of u^2/v per age
-        ebv_best = np.full((n_e, n), -np.inf)
-        for k0 in range(0, n_age, chunk_ages):
-            rs = slice(k0 * n_e, min(k0 + chunk_ages, n_age) * n_e)
-            u = F[rs] @ w1
-            score = u * u
-            score /= F2[rs] @ w2
-            score = score.reshape(-1, n_e, n)
-            age_best[k0:k0 + score.shape[0]] = score.max(axis=1)
-            np.maximum(ebv_best, score.max(axis=0), out=ebv_best)
-        smax = age_best.max(axis=0)
+        n = sl.stop - sl.start
+        c1 = 1.0 / np.max(w1_all[sl], axis=1)                       # keep float32 in range
+        w1 = (w1_all[sl] * c1[:, None]).T.astype(np.float32)          # (5, n)
+        w2 = (w2_all[sl] * (c1 ** 2)[:, None]).T.astype(np.float32)
+        age_best = np.empty((n_age, n), np.float32)                  # max over E of u^2/v per age (scaled)
+        step = max(chunk // n_e, 1)
+        for k0 in range(0, n_age, step):
+            k1 = min(k0 + step, n_age)
+            rs = slice(k0 * n_e, k1 * n_e)
+            u = prep["F32"][rs] @ w1
+            u *= u
+            u /= prep["F2_32"][rs] @ w2
+            age_best[k0:k1] = u.reshape(k1 - k0, n_e, n).max(axis=1)
+        score = age_best.astype(np.float64)                          # u^2/v is invariant to the scaling
+        smax = score.max(axis=0)
+        margin = 1.0 + 1e-5 * s0[sl]                                  # float32 rounding of S0-sized sums
         for c in range(n):
             g = b0 + c
-            ages = np.nonzero(age_best[:, c] >= smax[c] - 1.0)[0]    # Delta chi^2 <= 1
+            ages = np.nonzero(score[:, c] >= smax[c] - margin[c])[0]
             rows = (ages[:, None] * n_e + np.arange(n_e)).ravel()
-            u = F[rows] @ w1[:, c]
-            v = F2[rows] @ w2[:, c]
-            chi = s0[c] - u * u / v
-            ibest = np.argmax(u * u / v)
+            u = F[rows] @ w1_all[g]
+            v = F2[rows] @ w2_all[g]
+            chi = np.sum((f[g] / sig[g]) ** 2) - u * u / v
+            ibest = np.argmin(chi)
             m = u / v
             ok = chi <= chi[ibest] + 1.0
             half = np.sqrt(np.maximum(chi[ibest] + 1.0 - chi[ok], 0.0) / v[ok])
@@ -657,11 +671,142 @@ def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=64, chunk_ages=500, p
             out["log10_mass"][g] = np.log10(m[ibest] / scale[g])
             out["chi2"][g] = max(chi[ibest], 0.0)
             out["age_myr_lo"][g], out["age_myr_hi"][g] = age_i[ok].min() + 1, age_i[ok].max() + 1
-            ein = np.nonzero(ebv_best[:, c] >= smax[c] - 1.0)[0]
-            out["ebv_lo"][g], out["ebv_hi"][g] = e[ein.min()], e[ein.max()]
-            mlo = np.maximum(m[ok] - half, 1e-300)
-            out["log10_mass_lo"][g] = np.log10(mlo.min() / scale[g])
+            out["ebv_lo"][g], out["ebv_hi"][g] = e[e_i[ok].min()], e[e_i[ok].max()]
+            out["log10_mass_lo"][g] = np.log10(np.maximum(m[ok] - half, 1e-300).min() / scale[g])
             out["log10_mass_hi"][g] = np.log10((m[ok] + half).max() / scale[g])
         if progress:
             print(f"mle: {sl.stop}/{N} clusters, {time.time() - t0:.1f} s", file=sys.stderr)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures (paper Fig. 5, bottom rows) and the command line.
+
+def plot_posterior(post, path, truth=None, mle_point=None, title=""):
+    """Corner plot of the exact posterior: 1-D marginals on the diagonal, 2-D marginals below (cell-weighted
+    histograms); truth (3,) and MLE (3,) marked if given. Written to `path` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p = post["prob"]
+    cols = np.stack([np.log10(post["k"]), post["log10_mass"], post["ebv"]], axis=1)
+    q = post["quantiles"]
+    lo = np.maximum(q[:, 0] - 2.5 * (q[:, 1] - q[:, 0]) - 0.05, [np.log10(0.5), 2.0, post["ebv_range"][0]])
+    hi = np.minimum(q[:, 2] + 2.5 * (q[:, 2] - q[:, 1]) + 0.05, [np.log10(post["n_age"] + 0.5), 8.0,
+                                                                    post["ebv_range"][1]])
+    fig, ax = plt.subplots(3, 3, figsize=(8, 8))
+    for i in range(3):
+        for j in range(3):
+            a = ax[i, j]
+            if j > i:
+                a.axis("off")
+                continue
+            if i == j:
+                x = np.linspace(lo[i], hi[i], 201)
+                cdf = marginal_cdf(post, i, x)
+                a.step(0.5 * (x[1:] + x[:-1]), np.diff(cdf) / np.diff(x), where="mid", color="k")
+                for v in q[i]:
+                    a.axvline(v, color="0.5", ls=":", lw=1)
+                a.set_yticks([])
+            else:
+                h, xe, ye = np.histogram2d(cols[:, j], cols[:, i], bins=60, weights=p,
+                                           range=[[lo[j], hi[j]], [lo[i], hi[i]]])
+                a.pcolormesh(xe, ye, h.T, cmap="Greys", shading="flat")
+            for pt, c, mk in ((truth, "tab:red", "*"), (mle_point, "tab:blue", "x"), (post["map"], "tab:green", "o")):
+                if pt is None or not np.all(np.isfinite(pt)):
+                    continue
+                if i == j:
+                    a.axvline(pt[i], color=c, lw=1)
+                else:
+                    a.plot(pt[j], pt[i], mk, color=c, ms=7, mfc="none" if mk == "o" else c)
+            a.set_xlim(lo[j], hi[j])
+            if i != j:
+                a.set_ylim(lo[i], hi[i])
+            if i == 2:
+                a.set_xlabel(PARAM_LABELS[j])
+            if j == 0 and i > 0:
+                a.set_ylabel(PARAM_LABELS[i])
+    ax[0, 2].text(0, 0.9, "exact grid posterior\n" + title, transform=ax[0, 2].transAxes, va="top")
+    ax[0, 2].text(0, 0.5, "red: truth, blue x: MLE (min chi$^2$)\ngreen o: MAP, dotted: 16/50/84 %",
+                  transform=ax[0, 2].transAxes, va="top", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _load_table_file(path):
+    import simulate
+    tab = simulate.load_npz(path, required=("ln_flux", "ebv_nodes"))
+    return {"ln_flux": tab["ln_flux"], "ebv_nodes": tab["ebv_nodes"]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Exact grid posterior and CIGALE-style MLE of star clusters "
+                                             "(Walter et al. 2026 Sect. 3.2.2).")
+    ap.add_argument("--obs", required=True, help="observation .npz (flux_mjy, rel_err, distance_mpc; DESIGN Sect. 4)")
+    ap.add_argument("--out", required=True, help="output .npz: samples, quantiles, modes, map, log_z, mle_*")
+    ap.add_argument("--samples", type=int, default=1000, help="posterior draws per cluster (default 1000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default="", help="comma-separated cluster indices to draw (PNG corner plots)")
+    ap.add_argument("--plot-dir", default=None, help="folder for the figures (default: next to --out)")
+    ap.add_argument("--first", type=int, default=None, help="only the first N clusters of the file")
+    ap.add_argument("--likelihood", default="exact", choices=LIKELIHOODS, help="(testing only) likelihood model")
+    ap.add_argument("--resolution", type=float, default=1.0, help="quadrature cells per likelihood width")
+    ap.add_argument("--table", default=None, help="(testing) model table .npz with ln_flux and ebv_nodes")
+    args = ap.parse_args(argv)
+    import simulate
+    obs = simulate.load_npz(args.obs, required=("flux_mjy", "rel_err", "distance_mpc"))
+    f, r, d = obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]
+    if args.first is not None:
+        f, r, d = f[:args.first], r[:args.first], d[:args.first]
+    try:
+        f, r, d = _check_obs(f, r, d)
+    except ValueError as err:
+        raise ValueError(f"{args.obs}: {err}") from None
+    table = _load_table_file(args.table) if args.table else None
+    plots = [int(i) for i in args.plot.split(",") if i.strip()]
+    if any(i < 0 or i >= len(f) for i in plots):
+        raise ValueError(f"--plot indices must be in 0..{len(f) - 1}")
+    rng = np.random.default_rng(args.seed)
+    n = len(f)
+    samples = np.empty((n, args.samples, 3))
+    quant = np.empty((n, 3, 3))
+    map_ = np.empty((n, 3))
+    log_z = np.empty(n)
+    t0 = time.time()
+    keep_posts = {}
+    for i in range(n):
+        post = exact_posterior(f[i], r[i], d[i], table=table, likelihood=args.likelihood,
+                               resolution=args.resolution)
+        samples[i] = sample_posterior(post, args.samples, rng)
+        quant[i] = post["quantiles"].T                   # [q, p] as evaluate.summarize
+        map_[i] = post["map"]
+        log_z[i] = post["log_z"]
+        if i in plots:
+            keep_posts[i] = post
+        if (i + 1) % 10 == 0 or i + 1 == n:
+            print(f"exact posterior: {i + 1}/{n} clusters, {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    m = mle(f, r, d, table=table, progress=n > 256)
+    modes = np.full((n, 3, 3), np.nan)
+    modes[:, 0] = map_
+    out = {"samples": samples, "quantiles": quant, "modes": modes, "map": map_, "log_z": log_z,
+           "bands": np.array(("F275W", "F336W", "F438W", "F555W", "F814W")), "seed": np.int64(args.seed)}
+    out.update({f"mle_{k}": v for k, v in m.items()})
+    for key in ("id", "theta"):
+        if key in obs:
+            out[key] = obs[key][:n]
+    simulate.save_npz(args.out, **out)
+    print(f"wrote {args.out}: {n} clusters, {args.samples} samples each", file=sys.stderr)
+    plot_dir = Path(args.plot_dir) if args.plot_dir else Path(args.out).resolve().parent
+    for i, post in keep_posts.items():
+        plot_dir.mkdir(parents=True, exist_ok=True)
+        truth = obs["theta"][i] if "theta" in obs else None
+        mle_pt = np.array([np.log10(m["age_myr"][i]), m["log10_mass"][i], m["ebv"][i]])
+        name = str(obs["id"][i]) if "id" in obs else str(i)
+        path = plot_dir / f"grid_posterior_{name}.png"
+        plot_posterior(post, path, truth, mle_pt, title=f"cluster {name}")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Benchmark and validation of grid_posterior on the real BC03 table (one CPU core: OMP_NUM_THREADS=1).
+
+    python benchmarks/bench_grid.py --n 20                 # exact-posterior and MLE timings, convergence check
+    python benchmarks/bench_grid.py --sbc 500 --seed 1     # SBC of the exact posterior (slow: ~1 h on one core)
+
+Simulated clusters come from simulate.sample_prior / model_flux and preprocess.add_noise (the training pipeline's
+own noise code), so the SBC also cross-checks that the posterior's likelihood matches the simulator.
+Prints figures only; nothing is asserted.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grid_posterior as gp  # noqa: E402
+import preprocess  # noqa: E402
+import simulate  # noqa: E402
+
+
+def simulated_clusters(n, seed):
+    """theta (n, 3) with the jittered age label, observed fluxes, r*, distances (DESIGN Sect. 3)."""
+    rng = np.random.default_rng(seed)
+    pr = simulate.sample_prior(n, rng)
+    d = rng.uniform(*simulate.DISTANCE_RANGE_MPC, n)
+    f = simulate.model_flux(pr["age_myr"], pr["ebv"], pr["log10_mass"], d)
+    fs, rs = preprocess.add_noise(f, rng)
+    label = np.log10(pr["age_myr"] + rng.uniform(-0.5, 0.5, n))
+    return np.stack([label, pr["log10_mass"], pr["ebv"]], axis=1), fs, rs, d, pr, f
+
+
+def bench_speed(n, seed):
+    theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
+    gp._linear_fit(gp._table())                       # one-off table preparation, not per cluster
+    times, ncell = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        post = gp.exact_posterior(fs[i], rs[i], d[i])
+        times.append(time.perf_counter() - t0)
+        ncell.append(len(post["prob"]))
+    times = np.array(times)
+    print(f"exact posterior, full 1 Myr age grid, {n} prior clusters, one core: median {np.median(times):.2f} s, "
+          f"mean {times.mean():.2f} s, 90th pct {np.percentile(times, 90):.2f} s, max {times.max():.2f} s; "
+          f"<= 1 s for {np.mean(times <= 1):.0%}; median cells kept {int(np.median(ncell))}")
+    gp.mle(fs[:8], rs[:8], d[:8])                     # warm-up (table exp)
+    nm = max(n, 256)
+    theta, fs, rs, d, pr, f = simulated_clusters(nm, seed + 1)
+    t0 = time.perf_counter()
+    gp.mle(fs, rs, d, batch=64)
+    dt = (time.perf_counter() - t0) / nm
+    print(f"MLE (min chi^2 over 13750 ages x 151 E(B-V), mass analytic), batches of 64: {dt * 1e3:.1f} ms per cluster")
+    # noiseless photometry on grid nodes: exact recovery
+    e_nodes = simulate.load_table()["ebv_nodes"]
+    ebv = e_nodes[np.random.default_rng(seed).integers(0, len(e_nodes), nm)]
+    f0 = simulate.model_flux(pr["age_myr"], ebv, pr["log10_mass"], d)
+    m = gp.mle(f0, np.full_like(f0, 0.1), d)
+    print(f"MLE on noiseless photometry: age exact {np.mean(m['age_myr'] == pr['age_myr']):.1%}, "
+          f"E(B-V) exact {np.mean(np.abs(m['ebv'] - ebv) < 1e-9):.1%}, "
+          f"max |log m error| {np.abs(m['log10_mass'] - pr['log10_mass']).max():.1e} dex")
+
+
+def bench_convergence(n, seed):
+    theta, fs, rs, d, pr, f = simulated_clusters(n, seed + 2)
+    dq, dz = [], []
+    for i in range(n):
+        a = gp.exact_posterior(fs[i], rs[i], d[i])
+        b = gp.exact_posterior(fs[i], rs[i], d[i], resolution=2.0, tail=40.0)
+        dq.append(np.abs(a["quantiles"] - b["quantiles"]).max(axis=1))
+        dz.append(abs(a["log_z"] - b["log_z"]))
+    dq = np.array(dq)
+    print(f"convergence (resolution 1 -> 2, pruning depth 30 -> 40 nats), {n} clusters: max |quantile change| "
+          f"log age {dq[:, 0].max():.1e} dex, log mass {dq[:, 1].max():.1e} dex, E(B-V) {dq[:, 2].max():.1e} mag; "
+          f"max |log Z change| {max(dz):.1e}")
+
+
+def sbc(n, seed, likelihood="exact", n_samples=99, progress=True):
+    """Ranks of the truth among posterior draws per parameter, PIT of the marginals, and the HPD rank."""
+    theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
+    rng = np.random.default_rng(seed + 100)
+    ranks, pit, hpd = np.empty((n, 3), int), np.empty((n, 3)), np.empty(n, int)
+    t0 = time.time()
+    for i in range(n):
+        post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood)
+        s = gp.sample_posterior(post, n_samples, rng)
+        ranks[i] = (s < theta[i]).sum(0)
+        pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
+        ld = gp.log_density(np.concatenate([theta[i:i + 1], s])[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1],
+                            posts=[post], likelihood=likelihood)[0]
+        hpd[i] = np.sum(ld[1:] > ld[0])
+        if progress and (i + 1) % 25 == 0:
+            print(f"  sbc {i + 1}/{n}, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    hist = [np.bincount(ranks[:, j] * 10 // (n_samples + 1), minlength=10) for j in range(3)]
+    p_chi2 = [stats.chisquare(h).pvalue for h in hist]
+    p_ks = [stats.kstest(pit[:, j], "uniform").pvalue for j in range(3)]
+    p_hpd = stats.chisquare(np.bincount(hpd * 10 // (n_samples + 1), minlength=10)).pvalue
+    print(f"SBC of the exact posterior ({likelihood} likelihood), {n} prior clusters, seed {seed}, L = {n_samples}:")
+    for j, name in enumerate(("log10 age", "log10 mass", "E(B-V)")):
+        print(f"  {name:10s}: rank-histogram chi^2 p = {p_chi2[j]:.3f}, KS on PIT p = {p_ks[j]:.3f}")
+    print(f"  HPD rank (joint): chi^2 p = {p_hpd:.3g}")
+    return p_chi2, p_ks, p_hpd
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20, help="clusters for the timing and convergence runs")
+    ap.add_argument("--sbc", type=int, default=0, help="run the SBC on this many clusters instead")
+    ap.add_argument("--likelihood", default="exact", choices=gp.LIKELIHOODS)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.sbc:
+        sbc(args.sbc, args.seed, args.likelihood)
+        return
+    bench_speed(args.n, args.seed)
+    bench_convergence(max(args.n // 4, 3), args.seed)
+
+
+if __name__ == "__main__":
+    main()

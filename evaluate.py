@@ -994,7 +994,7 @@ def cmd_exact(args):
            "n_logq_not_finite": int(np.sum(~np.isfinite(logq))),
            "n_logp_not_finite": int(np.sum(~np.isfinite(logp))),
            "median_width_ratio_cinn_over_exact": dict(zip(PARAM_NAMES, np.nanmedian(ratio, 0))),
-           "share_width_ratio_within_20pc": dict(zip(PARAM_NAMES, np.mean(np.abs(ratio - 1) <= 0.2, 0))),
+           "share_width_ratio_within_20pc": dict(zip(PARAM_NAMES, np.mean(np.abs(ratio[ok] - 1) <= 0.2, 0))),
            "share_map_within_0p1_dex_age": float(np.mean(dage[ok] <= 0.1)),
            "share_any_cinn_mode_within_0p1_dex_age": float(np.mean(
                np.nanmin(np.abs(summ["modes"][ok, :, 0] - map_exact[ok, :1]), axis=1) <= 0.1)),

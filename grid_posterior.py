@@ -607,7 +607,7 @@ def log_density(theta, flux_mjy, rel_err, distance_mpc, posts=None, table=None, 
 # ----------------------------------------------------------------------------------------------------------
 # CIGALE-style maximum likelihood (minimum chi^2 with Gaussian errors, mass solved analytically).
 
-def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, progress=False):
+def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, ranges=True, progress=False):
     """Minimum chi^2 over the (age, E(B-V) node) grid, chi^2 = sum_b (f*_b - m F_b)^2 / sigma_b^2 with
     sigma = rel_err * flux and the mass m solved by weighted least squares for each grid point (CIGALE-style;
     real data: rel_err already holds the 5 % systematic of Eq. 10).
@@ -617,7 +617,9 @@ def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, prog
     the ages within Delta chi^2 <= 1 (+ float32 margin) of the best: exact minimum and the 1-sigma ranges.
 
     Returns dict of (N,) arrays: age_myr, ebv, log10_mass, chi2, and Delta chi^2 <= 1 profile ranges over the
-    grid age_myr_lo/_hi, ebv_lo/_hi, log10_mass_lo/_hi (the mass range includes its least-squares error).
+    grid age_myr_lo/_hi, ebv_lo/_hi, log10_mass_lo/_hi (the mass range includes its least-squares error);
+    ranges=False skips the ranges (NaN), which makes pass 2 tiny (poorly constrained clusters have thousands of
+    ages within Delta chi^2 <= 1).
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     f, r, d = np.atleast_2d(f), np.atleast_2d(r), np.atleast_1d(d)
@@ -626,6 +628,7 @@ def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, prog
         prep["F"] = np.exp(prep["A"]).reshape(-1, 5)
         prep["F2"] = prep["F"] ** 2
         prep["F32"], prep["F2_32"] = prep["F"].astype(np.float32), prep["F2"].astype(np.float32)
+        prep["F3"], prep["F2_3"] = prep["F"].reshape(prep["A"].shape), prep["F2"].reshape(prep["A"].shape)
     F, F2, e = prep["F"], prep["F2"], prep["e"]
     n_age, n_e = prep["A"].shape[:2]
     N = len(f)
@@ -633,7 +636,7 @@ def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, prog
     w1_all, w2_all = f / sig ** 2, 1.0 / sig ** 2
     s0 = np.sum((f / sig) ** 2, axis=1)
     scale = (1e-5 / d) ** 2                                          # flux at distance = m F scale
-    out = {key: np.empty(N) for key in ("age_myr", "ebv", "log10_mass", "chi2", "age_myr_lo", "age_myr_hi",
+    out = {key: np.full(N, np.nan) for key in ("age_myr", "ebv", "log10_mass", "chi2", "age_myr_lo", "age_myr_hi",
                                         "ebv_lo", "ebv_hi", "log10_mass_lo", "log10_mass_hi")}
     t0 = time.time()
     for b0 in range(0, N, batch):
@@ -653,23 +656,25 @@ def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, prog
             age_best[k0:k1] = u.reshape(k1 - k0, n_e, n).max(axis=1)
         score = age_best.astype(np.float64)                          # u^2/v is invariant to the scaling
         smax = score.max(axis=0)
-        margin = 1.0 + 1e-5 * s0[sl]                                  # float32 rounding of S0-sized sums
+        margin = 1.0 + 2e-6 * s0[sl]                                  # float32 rounding of S0-sized sums
         for c in range(n):
             g = b0 + c
-            ages = np.nonzero(score[:, c] >= smax[c] - margin[c])[0]
+            ages = np.nonzero(score[:, c] >= smax[c] - margin[c] + (0.0 if ranges else 1.0))[0]
             rows = (ages[:, None] * n_e + np.arange(n_e)).ravel()
-            u = F[rows] @ w1_all[g]
-            v = F2[rows] @ w2_all[g]
+            u = (prep["F3"][ages] @ w1_all[g]).ravel()                # contiguous (n_e, 5) blocks per age
+            v = (prep["F2_3"][ages] @ w2_all[g]).ravel()
             chi = np.sum((f[g] / sig[g]) ** 2) - u * u / v
             ibest = np.argmin(chi)
             m = u / v
-            ok = chi <= chi[ibest] + 1.0
+            ok = chi <= chi[ibest] + (1.0 if ranges else np.nan)
             half = np.sqrt(np.maximum(chi[ibest] + 1.0 - chi[ok], 0.0) / v[ok])
             age_i, e_i = np.divmod(rows, n_e)
             out["age_myr"][g] = age_i[ibest] + 1
             out["ebv"][g] = e[e_i[ibest]]
             out["log10_mass"][g] = np.log10(m[ibest] / scale[g])
             out["chi2"][g] = max(chi[ibest], 0.0)
+            if not ranges:
+                continue
             out["age_myr_lo"][g], out["age_myr_hi"][g] = age_i[ok].min() + 1, age_i[ok].max() + 1
             out["ebv_lo"][g], out["ebv_hi"][g] = e[e_i[ok].min()], e[e_i[ok].max()]
             out["log10_mass_lo"][g] = np.log10(np.maximum(m[ok] - half, 1e-300).min() / scale[g])
@@ -708,6 +713,7 @@ def plot_posterior(post, path, truth=None, mle_point=None, title=""):
                 for v in q[i]:
                     a.axvline(v, color="0.5", ls=":", lw=1)
                 a.set_yticks([])
+                a.set_ylim(bottom=0.0)
             else:
                 h, xe, ye = np.histogram2d(cols[:, j], cols[:, i], bins=60, weights=p,
                                            range=[[lo[j], hi[j]], [lo[i], hi[i]]])

@@ -278,3 +278,25 @@ def test_cli_writes_summaries_and_figure(tmp_path, table):
     bad = subprocess.run([sys.executable, str(ROOT / "grid_posterior.py"), "--obs", str(tmp_path / "tab.npz"),
                           "--out", str(tmp_path / "x.npz")], capture_output=True, text=True)
     assert bad.returncode != 0 and "flux_mjy" in bad.stderr
+
+
+@pytest.mark.slow
+def test_sbc_real_table_500_clusters():
+    """SBC of the exact posterior on the real BC03 table at full 1 Myr resolution: 500 prior clusters with the
+    pipeline's own noise code (preprocess.add_noise), fixed seed; all p > 1e-3. (~1 h on one core.)"""
+    import preprocess
+    import simulate
+    rng = np.random.default_rng(1)
+    n, n_samples = 500, 99
+    pr = simulate.sample_prior(n, rng)
+    d = rng.uniform(1.0, 30.0, n)
+    fs, rs = preprocess.add_noise(simulate.model_flux(pr["age_myr"], pr["ebv"], pr["log10_mass"], d), rng)
+    theta = np.stack([np.log10(pr["age_myr"] + rng.uniform(-0.5, 0.5, n)), pr["log10_mass"], pr["ebv"]], 1)
+    ranks, pit = np.empty((n, 3), int), np.empty((n, 3))
+    for i in range(n):
+        post = gp.exact_posterior(fs[i], rs[i], d[i])
+        ranks[i] = (gp.sample_posterior(post, n_samples, rng) < theta[i]).sum(0)
+        pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
+    for j in range(3):
+        assert stats.chisquare(np.bincount(ranks[:, j] * 10 // (n_samples + 1), minlength=10)).pvalue > 1e-3
+        assert stats.kstest(pit[:, j], "uniform").pvalue > 1e-3

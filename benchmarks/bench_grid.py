@@ -80,11 +80,13 @@ def bench_convergence(n, seed):
           f"max |log Z change| {max(dz):.1e}")
 
 
-def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None):
+def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, start=0):
     """Ranks of the truth among posterior draws per parameter, PIT of the marginals, and the HPD rank;
     with `save`, the arrays so far are written there every 25 clusters (summarise with --summarize FILE)."""
     theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
-    rng = np.random.default_rng(seed + 100)
+    theta, fs, rs, d = theta[start:], fs[start:], rs[start:], d[start:]     # `start`: a second worker's share
+    n = len(theta)
+    rng = np.random.default_rng([seed + 100, start])
     ranks, pit, hpd = np.empty((n, 3), int), np.empty((n, 3)), np.empty(n, int)
     t0 = time.time()
     for i in range(n):
@@ -124,14 +126,17 @@ def main(argv=None):
     ap.add_argument("--likelihood", default="exact", choices=gp.LIKELIHOODS)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--save", default=None, help="with --sbc: write the ranks so far to this .npz")
-    ap.add_argument("--summarize", default=None, help="print the SBC tests of a --save file")
+    ap.add_argument("--start", type=int, default=0, help="with --sbc: skip the first START clusters (split runs)")
+    ap.add_argument("--summarize", default=None, help="print the SBC tests of --save file(s), comma-separated")
     args = ap.parse_args(argv)
     if args.summarize:
-        z = simulate.load_npz(args.summarize, required=("ranks", "pit", "hpd", "n_samples", "seed"))
-        sbc_summary(z["ranks"], z["pit"], z["hpd"], int(z["n_samples"]), seed=int(z["seed"]))
+        zs = [simulate.load_npz(p, required=("ranks", "pit", "hpd", "n_samples", "seed"))
+              for p in args.summarize.split(",")]
+        sbc_summary(*(np.concatenate([z[k] for z in zs]) for k in ("ranks", "pit", "hpd")),
+                    int(zs[0]["n_samples"]), seed=int(zs[0]["seed"]))
         return
     if args.sbc:
-        sbc(args.sbc, args.seed, args.likelihood, save=args.save)
+        sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start)
         return
     bench_speed(args.n, args.seed)
     bench_convergence(max(args.n // 4, 3), args.seed)

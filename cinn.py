@@ -49,7 +49,7 @@ DEFAULT_CONFIG = dict(
 
 
 def mlp(n_in, n_out, width, depth):
-    """depth hidden layers of `width` ReLU units, then a linear output layer."""
+    """depth hidden layers of `width` SiLU units, then a linear output layer."""
     layers, n = [], n_in
     for _ in range(depth):
         layers += [nn.Linear(n, width), nn.SiLU()]

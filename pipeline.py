@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent
 
 PROFILES = {
     # 2-core CPU, <= 30 min in all (training is capped by --max-minutes)
-    "quick": dict(n_sim=400_000, n_val=20_000, n_test=20_000, train_minutes=18.0, sbc_n=1000, sbc_L=100,
-                  ppc_n=200, ppc_samples=500, exact_n=20, exact_samples=2000, catalog_n=300,
+    "quick": dict(n_sim=400_000, n_val=20_000, n_test=20_000, train_minutes=18.0, sbc_n=10_000, sbc_L=100,
+                  ppc_n=1000, ppc_samples=500, exact_n=50, exact_samples=10_000, catalog_n=300,
                   catalog_samples=2000, catalog_distance_mpc=10.0),
     # seconds: every stage on toy sizes, to check the wiring (tests/test_pipeline.py); numbers meaningless
     "smoke": dict(n_sim=4000, n_val=500, n_test=500, train_minutes=None, train_epochs=2, sbc_n=100, sbc_L=20,

@@ -33,8 +33,8 @@ import preprocess
 PROFILES = {
     # CPU, a few 1e5 clusters, <= 20 min on 2 cores (see README for the measured throughput)
     "quick": dict(model=dict(n_blocks=6, width=96, depth=2, clamp=2.0, cond_dim=32, cond_width=96, cond_depth=2),
-                  train=dict(epochs=30, batch_size=512, lr=1e-3, lr_final=1e-5, l2=1e-7, clip_norm=10.0,
-                             patience=8, online=False)),
+                  train=dict(epochs=60, batch_size=2048, lr=2e-3, lr_final=1e-5, l2=1e-7, clip_norm=10.0,
+                             patience=12, online=True)),
     # GPU, 5e6 clusters (paper scale)
     "paper": dict(model=dict(n_blocks=10, width=256, depth=3, clamp=2.0, cond_dim=64, cond_width=256,
                              cond_depth=3),

@@ -434,7 +434,7 @@ def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr=-np.inf, chunk=50_000):
 
 
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=1.0,
-                    tail=30.0, max_sub=256, keep=30.0, progress=False):
+                    tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000):
     """Exact posterior p(k, E(B-V), log10 m | x) of one cluster (flux (5,)) or a list for a batch ((N, 5)).
 
     Returns a dict of grid cells (midpoint quadrature, see module docstring): `k` integer age (Myr), `ebv`,
@@ -468,11 +468,17 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     windows = [(min(p[3] for p in pc), max(p[4] for p in pc)) for pc in pieces]
     win = np.array(windows).T                                      # (2, 5) y windows of the bands
     seg = _screen_segments(prep, off, cmb, win, thr)
-    k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub)
-    if len(k) == 0:
-        raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
     tabs = _lookup_tables(profiles, windows, likelihood, r)
-    rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr)
+    parts = []
+    for s0 in range(0, len(seg[0]), seg_chunk):      # in chunks of segments: memory bounded by the kept cells
+        k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr,
+                                       tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
+        rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr)
+        parts.append((k[rows], ebv[rows], dee[rows], mu, width, L, end))
+    if not parts or sum(len(p[0]) for p in parts) == 0:
+        raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
+    k, ebv, dee, mu, width, L, end = (np.concatenate([p[c] for p in parts]) for c in range(7))
+    rows = np.arange(len(k))
     lpa = prep["log_prior_age"]
     logw = lpa[k[rows] - 1] + np.log(dee[rows] / (prep["e"][-1] - prep["e"][0])) \
         + np.log(width / LN10 / (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0])) + L

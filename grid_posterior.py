@@ -430,7 +430,7 @@ def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr=-np.inf, chunk=50_000):
         keep = L >= thr                                             # below the pruning level: negligible
         out.append((rows[keep], mu[keep], width[keep], L[keep], ((i <= EDGE_SPLIT) | (i == m[rows] - 1))[keep]))
         r0 = r1
-    return tuple(np.concatenate([o[c] for o in out]) for c in range(5))
+    return tuple(np.concatenate([o[c] for o in out]) for c in range(5))     # (out is never empty: n >= 1)
 
 
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=1.0,
@@ -473,6 +473,8 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     for s0 in range(0, len(seg[0]), seg_chunk):      # in chunks of segments: memory bounded by the kept cells
         k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr,
                                        tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
+        if len(k) == 0:
+            continue
         rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr)
         parts.append((k[rows], ebv[rows], dee[rows], mu, width, L, end))
     if not parts or sum(len(p[0]) for p in parts) == 0:

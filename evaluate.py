@@ -449,8 +449,10 @@ def inlier_fractions(mle, mle_lo, mle_hi, quantiles, map_theta):
     in1 = (mle >= q[:, 0]) & (mle <= q[:, 2])
     ok2 = np.isfinite(mp) & np.isfinite(lo) & np.isfinite(hi)
     in2 = (mp >= lo) & (mp <= hi)
-    return {"mle_in_cinn": (in1 & ok1).sum(0) / np.maximum(ok1.sum(0), 1),
-            "map_in_mle": (in2 & ok2).sum(0) / np.maximum(ok2.sum(0), 1),
+    with np.errstate(invalid="ignore", divide="ignore"):      # a share of no clusters is NaN, not 0 %
+        share1 = np.where(ok1.sum(0) > 0, (in1 & ok1).sum(0) / ok1.sum(0), np.nan)
+        share2 = np.where(ok2.sum(0) > 0, (in2 & ok2).sum(0) / ok2.sum(0), np.nan)
+    return {"mle_in_cinn": share1, "map_in_mle": share2,
             "n_mle_in_cinn": ok1.sum(0), "n_map_in_mle": ok2.sum(0)}
 
 

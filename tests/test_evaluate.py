@@ -209,6 +209,9 @@ def test_inlier_fractions_known_answer():
     np.testing.assert_allclose(out["mle_in_cinn"], [0.5, 1.0, 0.0])
     np.testing.assert_allclose(out["map_in_mle"], [0.75, 0.25, 1.0])
     np.testing.assert_array_equal(out["n_map_in_mle"], [4, 4, 3])
+    # a catalogue without 1-sigma ranges: the share is undefined (NaN), not 0 %
+    none = ev.inlier_fractions(mle, np.full_like(lo, np.nan), hi, q, map_theta)
+    assert np.all(np.isnan(none["map_in_mle"])) and np.all(none["n_map_in_mle"] == 0)
 
 
 # ---------------------------------------------------------------- PPC

@@ -71,11 +71,11 @@ def bench_convergence(n, seed):
     dq, dz = [], []
     for i in range(n):
         a = gp.exact_posterior(fs[i], rs[i], d[i])
-        b = gp.exact_posterior(fs[i], rs[i], d[i], resolution=2.0, tail=40.0)
+        b = gp.exact_posterior(fs[i], rs[i], d[i], resolution=3.0, tail=40.0)
         dq.append(np.abs(a["quantiles"] - b["quantiles"]).max(axis=1))
         dz.append(abs(a["log_z"] - b["log_z"]))
     dq = np.array(dq)
-    print(f"convergence (resolution 1 -> 2, pruning depth 30 -> 40 nats), {n} clusters: max |quantile change| "
+    print(f"convergence (resolution 2 -> 3, pruning depth 30 -> 40 nats), {n} clusters: max |quantile change| "
           f"log age {dq[:, 0].max():.1e} dex, log mass {dq[:, 1].max():.1e} dex, E(B-V) {dq[:, 2].max():.1e} mag; "
           f"max |log Z change| {max(dz):.1e}")
 

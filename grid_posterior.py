@@ -58,6 +58,8 @@ _PREP = {}
 # ----------------------------------------------------------------------------------------------------------
 # Model table and prior.
 
+MAX_CELLS = 60_000_000     # exact_posterior: at most ~10 GB of quadrature cells per cluster (before pruning)
+
 def _table(table=None):
     """The model table: simulate.load_table() unless a dict with ebv_nodes and ln_flux (n_age, n_e, 5) is given."""
     if table is None:
@@ -434,7 +436,7 @@ def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr=-np.inf, chunk=50_000):
 
 
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=2.0,
-                    tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000):
+                    tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000, max_cells=MAX_CELLS):
     """Exact posterior p(k, E(B-V), log10 m | x) of one cluster (flux (5,)) or a list for a batch ((N, 5)).
 
     Returns a dict of grid cells (midpoint quadrature, see module docstring): `k` integer age (Myr), `ebv`,
@@ -445,12 +447,15 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     resolution: cells per likelihood sd (default 2: at 1 the tent-smoothed draws are ~17 % too wide along the
     narrow directions, which the SBC HPD-rank test detects; quantiles change < 4e-3 from 1 to 2); tail: pruning
     depth in nats; keep: cells more than `keep` nats below the best are dropped after normalising.
+    max_cells: the most quadrature cells evaluated (~160 bytes each at the peak); a broader posterior raises
+    MemoryError instead of exhausting the machine's memory (a 24 GB run was OOM-killed without it).
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     if f.ndim == 2:
         out, t0 = [], time.time()
         for i in range(len(f)):
-            out.append(exact_posterior(f[i], r[i], d[i], table, likelihood, resolution, tail, max_sub, keep))
+            out.append(exact_posterior(f[i], r[i], d[i], table, likelihood, resolution, tail, max_sub, keep,
+                                       max_cells=max_cells))
             if progress and ((i + 1) % 50 == 0 or i + 1 == len(f)):
                 print(f"exact posterior: {i + 1}/{len(f)} clusters, {time.time() - t0:.1f} s", file=sys.stderr)
         return out
@@ -470,7 +475,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     win = np.array(windows).T                                      # (2, 5) y windows of the bands
     seg = _screen_segments(prep, off, cmb, win, thr)
     tabs = _lookup_tables(profiles, windows, likelihood, r)
-    parts = []
+    parts, n_cells = [], 0
     for s0 in range(0, len(seg[0]), seg_chunk):      # in chunks of segments: memory bounded by the kept cells
         k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr,
                                        tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
@@ -478,6 +483,11 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             continue
         rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr)
         parts.append((k[rows], ebv[rows], dee[rows], mu, width, L, end))
+        n_cells += len(mu)
+        if n_cells > max_cells:
+            raise MemoryError(f"exact_posterior: this posterior needs more than max_cells = {max_cells:.3g} "
+                              f"quadrature cells (a very broad posterior); pass a lower `resolution` "
+                              f"(now {resolution}) or a larger max_cells if the memory is there")
     if not parts or sum(len(p[0]) for p in parts) == 0:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
     k, ebv, dee, mu, width, L, end = (np.concatenate([p[c] for p in parts]) for c in range(7))

@@ -146,6 +146,14 @@ def test_refinement_converged(table):
         assert abs(a["log_z"] - b["log_z"]) < 2e-2
 
 
+def test_too_broad_posterior_raises_memory_error_not_oom(table):
+    """A posterior needing more cells than max_cells stops with a clear MemoryError (the caller can skip it)."""
+    theta, fs, rs, d, k = simulate_obs(table, 1, np.random.default_rng(3))
+    n = len(gp.exact_posterior(fs[0], rs[0], d[0], table=table)["prob"])
+    with pytest.raises(MemoryError, match="max_cells"):
+        gp.exact_posterior(fs[0], rs[0], d[0], table=table, max_cells=n // 4)
+
+
 def test_log_density_consistent_with_cells(table):
     """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label
     density t' ln 10 in log10 t' coordinates; -inf outside the prior."""

@@ -288,6 +288,26 @@ def test_cli_writes_summaries_and_figure(tmp_path, table):
     assert bad.returncode != 0 and "flux_mjy" in bad.stderr
 
 
+def test_cli_marks_too_broad_posterior_instead_of_crashing(tmp_path, table, monkeypatch):
+    """A cluster whose posterior exceeds the memory cap gets NaN rows and exact_failed, the others are kept."""
+    import simulate
+    theta, fs, rs, d, k = simulate_obs(table, 3, np.random.default_rng(8))
+    simulate.save_npz(tmp_path / "tab.npz", **table)
+    simulate.save_npz(tmp_path / "obs.npz", flux_mjy=fs, rel_err=rs, distance_mpc=d)
+    real = gp.exact_posterior
+
+    def capped(f, *args, **kwargs):
+        if np.allclose(f, fs[1]):
+            raise MemoryError("exact_posterior: more than max_cells")
+        return real(f, *args, **kwargs)
+    monkeypatch.setattr(gp, "exact_posterior", capped)
+    gp.main(["--obs", str(tmp_path / "obs.npz"), "--out", str(tmp_path / "post.npz"), "--samples", "20",
+             "--table", str(tmp_path / "tab.npz")])
+    out = simulate.load_npz(tmp_path / "post.npz", required=("exact_failed", "samples"))
+    assert out["exact_failed"].tolist() == [False, True, False]
+    assert np.all(np.isnan(out["samples"][1])) and np.all(np.isfinite(out["samples"][[0, 2]]))
+
+
 @pytest.mark.slow
 def test_sbc_real_table_500_clusters():
     """SBC of the exact posterior on the real BC03 table at full 1 Myr resolution: 500 prior clusters with the

@@ -304,25 +304,31 @@ def read_phangs(path, distance_mpc):
                ("not detected in a band (PHANGS_NON_DETECTION_FLAG)", non_det != 0),
                ("invalid flux in a band (NaN, <= 0 or sentinel)", _invalid_flux(flux).any(axis=1)),
                ("invalid flux error in a band (NaN, < 0 or sentinel)", _invalid_err(err).any(axis=1))]
+    est = _estimates({key: (_optional(tab, col), _optional(tab, col + "_ERR"))
+                      for key, col in (("age_myr", c["age"]), ("log10_mass", c["mass"]), ("ebv", c["ebv"]))})
+    return _finish(path, "phangs", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="current")
+
+
+def _estimates(values_errors):
+    """Catalogue estimates {key: (value, 1-sigma error)} -> est dict with key, key_lo, key_hi. Mass comes in
+    Msun with its error and is returned as log10 (range from value -+ error); age (Myr) and E(B-V) stay linear."""
     est = {}
-    for key, col, log in (("age_myr", c["age"], False), ("log10_mass", c["mass"], True), ("ebv", c["ebv"], False)):
-        v = _optional(tab, col)
-        e = _optional(tab, col + "_ERR")
-        v = np.where(np.isin(v, FLUX_SENTINELS), np.nan, v)
-        e = np.where(np.isin(e, FLUX_SENTINELS), np.nan, e)
-        if log:
+    for key, (v, e) in values_errors.items():
+        if key == "log10_mass":
             est[key] = _log10_positive(v)
             est[key + "_lo"], est[key + "_hi"] = _log10_range(v, e)
         else:
             est[key], est[key + "_lo"], est[key + "_hi"] = v, v - e, v + e
-    return _finish(path, "phangs", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="current")
+    return est
 
 
 def _optional(tab, name):
-    """Column as float, or all-NaN when the catalogue lacks it (estimates are optional)."""
+    """Column as float with masked cells and sentinels as NaN, or all-NaN when the catalogue lacks it
+    (the catalogue's own estimates are optional)."""
     if name not in tab.colnames:
         return np.full(len(tab), np.nan)
-    return np.asarray(np.ma.filled(np.ma.asarray(tab[name], dtype=float), np.nan), float)
+    v = np.asarray(np.ma.filled(np.ma.asarray(tab[name], dtype=float), np.nan), float)
+    return np.where(np.isin(v, FLUX_SENTINELS), np.nan, v)
 
 
 def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0.35, 0.2)):
@@ -531,15 +537,10 @@ def read_table(path, columns, distance_mpc=None, fmt=None):
                ("empty flux or error cell (masked value; truncated row?)", empty),
                ("invalid flux in a band (NaN, <= 0 or sentinel)", _invalid_flux(flux).any(axis=1)),
                ("invalid flux error in a band (NaN, < 0 or sentinel)", _invalid_err(err).any(axis=1))]
-    est = {}
-    for key, src, log in (("age_myr", "age_myr", False), ("log10_mass", "mass", True), ("ebv", "ebv", False)):
-        v = _column(tab, path, mapping[src]) if src in mapping else np.full(n, np.nan)
-        e = _column(tab, path, mapping[src + "_err"]) if src + "_err" in mapping else np.full(n, np.nan)
-        if log:
-            est[key] = _log10_positive(v)
-            est[key + "_lo"], est[key + "_hi"] = _log10_range(v, e)
-        else:
-            est[key], est[key + "_lo"], est[key + "_hi"] = v, v - e, v + e
+    def mapped(src):                                   # optional estimate columns of the user's mapping
+        return _column(tab, path, mapping[src]) if src in mapping else np.full(n, np.nan)
+    est = _estimates({key: (mapped(src), mapped(src + "_err"))
+                      for key, src in (("age_myr", "age_myr"), ("log10_mass", "mass"), ("ebv", "ebv"))})
     return _finish(path, "table", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="current")
 
 

@@ -52,7 +52,7 @@ def bench_mean_shift(seed):
         pass
 
 
-def bench_job(model_path, obs_path, n, samples, seed):
+def bench_job(model_path, obs_path, n, samples, seed, device=None):
     import torch
     import cinn
     import simulate
@@ -64,12 +64,13 @@ def bench_job(model_path, obs_path, n, samples, seed):
         sim = simulate.simulate(n, seed=seed)
         x = preprocess.observe(sim, np.random.default_rng(seed))["x"]
     if model_path:
-        model, what = cinn.load(model_path), f"model {model_path}"
+        model, what = cinn.load(model_path, device=device), f"model {model_path}"
     else:
-        model = cinn.CINN(x_mean=x.mean(0), x_std=x.std(0))
+        model = cinn.CINN(x_mean=x.mean(0), x_std=x.std(0)).to(device or cinn.default_device())
         what = "UNTRAINED cINN, default architecture (timing of sampling only; prior-like posteriors)"
     n = len(x)
-    print(f"\nfull job on {n} clusters x {samples} samples, {what}, torch threads {torch.get_num_threads()}:")
+    print(f"\nfull job on {n} clusters x {samples} samples, {what}, device {model.device}, "
+          f"torch threads {torch.get_num_threads()}:")
     t_s = t_m = c_s = c_m = 0.0
     chunk = 100
     for i in range(0, n, chunk):
@@ -101,11 +102,12 @@ def main():
     ap.add_argument("--n", type=int, default=200, help="clusters to time (2439 = the full PHANGS-size job)")
     ap.add_argument("--samples", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available)")
     ap.add_argument("--skip-job", action="store_true", help="only the mean-shift timings")
     args = ap.parse_args()
     bench_mean_shift(args.seed)
     if not args.skip_job:
-        bench_job(args.model, args.obs, args.n, args.samples, args.seed)
+        bench_job(args.model, args.obs, args.n, args.samples, args.seed, args.device)
 
 
 if __name__ == "__main__":

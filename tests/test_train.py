@@ -186,3 +186,24 @@ def test_cli_train_online_evaluate_and_hyperband(tmp_path):
     assert best["val_nll"] == pytest.approx(np.min(out["hb1"]["val_nll"]))
     cfg = train.resolve_config("quick", str(tmp_path / "hb1" / "best_config.json"))
     assert cfg["model"]["n_blocks"] == best["model"]["n_blocks"] and cfg["train"]["lr"] == best["train"]["lr"]
+
+
+def test_adam_weight_decay_is_the_l2_term_of_eq4():
+    """make_optimizer's weight decay 2 eta gives the same Adam steps as adding eta ||phi||^2 to the loss."""
+    eta = 1e-2
+    u, x = T(np.random.default_rng(0).normal(size=(64, 3))), T(np.random.default_rng(1).normal(size=(64, 11)))
+    a = cinn.CINN(TINY, seed=3)
+    b = cinn.CINN(TINY, seed=3)
+    opt_a = train.make_optimizer(a, dict(lr=1e-2, l2=eta))
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2)
+    for _ in range(3):
+        for model, opt, penalty in ((a, opt_a, 0.0), (b, opt_b, eta)):
+            z, logdet = model.to_latent(u, x)
+            loss = (0.5 * (z ** 2).sum(dim=1) - logdet).mean()
+            loss = loss + penalty * sum((p ** 2).sum() for p in model.parameters())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(a.parameters()), next(cinn.CINN(TINY, seed=3).parameters()))

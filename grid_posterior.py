@@ -59,7 +59,7 @@ _PREP = {}
 # ----------------------------------------------------------------------------------------------------------
 # Model table and prior.
 
-MAX_CELLS = 60_000_000     # exact_posterior: at most ~10 GB of quadrature cells per cluster (before pruning)
+MAX_CELLS = 60_000_000     # exact_posterior: at most this many kept quadrature cells (~140 B each: ~8.5 GB)
 
 def _table(table=None):
     """The model table: simulate.load_table() unless a dict with ebv_nodes and ln_flux (n_age, n_e, 5) is given."""
@@ -74,6 +74,8 @@ def _table(table=None):
             raise ValueError(f"table: ln_flux shape {a.shape} does not match ebv_nodes ({len(e)},)")
         _PREP[key] = {"table": table, "A": a, "dA": np.diff(a, axis=1), "e": e, "de": np.diff(e),
                       "log_prior_age": log_prior_age(a.shape[0])}
+        # MAP in (log10 t', log10 m, E): density P(k) L t' ln 10 / Z at a cell centre t' = k
+        _PREP[key]["map_age"] = _PREP[key]["log_prior_age"] + np.log(np.arange(1.0, a.shape[0] + 1))
     return _PREP[key]
 
 
@@ -397,16 +399,17 @@ def _lookup_tables(profiles, windows, likelihood, rstar, per_sd=32):
 EDGE_SPLIT = 4      # the first mass cell of a row (at the support edge sigma = f/2 when it binds) is split in 4
 
 
-def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr=-np.inf, chunk=50_000):
+def _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr=-np.inf, chunk=50_000):
     """Log-likelihood on a midpoint grid in mu' = ln m for each row (linear interpolation in the per-band
     tables). A row's n cells of width h_row = (hi - lo)/n <= h, the first one split into EDGE_SPLIT cells: where
-    the support edge binds the likelihood may jump there and fall steeply. Returns per cell: row index, mu',
-    width, L, and whether the cell ends a row (represented by a box rather than a tent)."""
+    the support edge binds the likelihood may jump there and fall steeply. Yields, per chunk of ~`chunk` cells
+    with L >= thr: row index, mu', width, L, log weight (row_logw + ln width + L: prior x volume x likelihood)
+    and whether the cell ends a row (represented by a box rather than a tent)."""
     n = np.maximum(np.ceil((hi - lo) / h), 1).astype(np.int64)
     hrow = (hi - lo) / n
+    log_h = np.log(hrow) + row_logw                                 # per row; split cells: - ln EDGE_SPLIT
     m = n + EDGE_SPLIT - 1                                          # cells per row
     ends = np.cumsum(m)
-    out = []
     aT = np.ascontiguousarray(a.T)
     r0 = 0
     while r0 < len(m):
@@ -431,9 +434,32 @@ def _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr=-np.inf, chunk=50_000):
             u *= dt[j]
             L += u
         keep = L >= thr                                             # below the pruning level: negligible
-        out.append((rows[keep], mu[keep], width[keep], L[keep], ((i <= EDGE_SPLIT) | (i == m[rows] - 1))[keep]))
+        logw = log_h[rows[keep]] + L[keep] - np.where(small[keep], np.log(EDGE_SPLIT), 0.0)
+        yield rows[keep], mu[keep], width[keep], L[keep], logw, ((i <= EDGE_SPLIT) | (i == m[rows] - 1))[keep]
         r0 = r1
-    return tuple(np.concatenate([o[c] for o in out]) for c in range(5))     # (out is never empty: n >= 1)
+
+
+def _logsumexp(x):
+    """log sum exp(x) of a 1-D array (-inf for an empty one)."""
+    if len(x) == 0:
+        return -np.inf
+    top = x.max()
+    return top + np.log(np.sum(np.exp(x - top)))
+
+
+def _prune(parts, level, log_drop):
+    """Drop the cells with log weight <= level from the kept parts (tuples whose item 6 is logw); their
+    probability goes into log_drop (log of the summed weights), so the evidence stays exact."""
+    out = []
+    for p in parts:
+        if p[6].min() > level:
+            out.append(p)
+            continue
+        sel = p[6] > level
+        log_drop = np.logaddexp(log_drop, _logsumexp(p[6][~sel]))
+        if sel.any():
+            out.append(tuple(x[sel] for x in p))
+    return out, sum(len(p[6]) for p in out), log_drop
 
 
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=2.0,
@@ -447,9 +473,10 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     (log10 t', log10 m, E(B-V)); `quantiles` (3, 3) 16/50/84 % of the 1-D marginals (rows: parameters).
     resolution: cells per likelihood sd (default 2: at 1 the tent-smoothed draws are ~17 % too wide along the
     narrow directions, which the SBC HPD-rank test detects; quantiles change < 4e-3 from 1 to 2); tail: pruning
-    depth in nats; keep: cells more than `keep` nats below the best are dropped after normalising.
-    max_cells: the most quadrature cells evaluated (~160 bytes each at the peak); a broader posterior raises
-    MemoryError instead of exhausting the machine's memory (a 24 GB run was OOM-killed without it).
+    depth in nats; keep: cells more than `keep` nats below the best are dropped (while evaluating, against
+    the running best, so memory is bounded by the kept cells; their weight still counts in log_z).
+    max_cells: the most cells kept (~140 bytes each at the peak); a broader posterior raises MemoryError
+    instead of exhausting the machine's memory (a 24 GB run was OOM-killed before the pruning and the cap).
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     if f.ndim == 2:
@@ -476,45 +503,59 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     win = np.array(windows).T                                      # (2, 5) y windows of the bands
     seg = _screen_segments(prep, off, cmb, win, thr)
     tabs = _lookup_tables(profiles, windows, likelihood, r)
-    parts, n_cells = [], 0
-    for s0 in range(0, len(seg[0]), seg_chunk):      # in chunks of segments: memory bounded by the kept cells
+    # Cells are evaluated in chunks and pruned against the running best log weight `top`: a cell with
+    # logw <= top - keep can never be kept (top only grows), so memory is bounded by the kept cells (plus one
+    # chunk); the pruned cells' weights are summed into log_drop, so log Z is that of all cells with L >= thr.
+    lpa = prep["log_prior_age"]
+    const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
+    parts, n_kept, n_pruned, top, log_drop = [], 0, 0, -np.inf, -np.inf
+    for s0 in range(0, len(seg[0]), seg_chunk):
         k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr,
                                        tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
         if len(k) == 0:
             continue
-        rows, mu, width, L, end = _evaluate_rows(tabs, k, ebv, dee, a, lo, hi, h, thr)
-        parts.append((k[rows], ebv[rows], dee[rows], mu, width, L, end))
-        n_cells += len(mu)
-        if n_cells > max_cells:
-            raise MemoryError(f"exact_posterior: this posterior needs more than max_cells = {max_cells:.3g} "
-                              f"quadrature cells (a very broad posterior); pass a lower `resolution` "
-                              f"(now {resolution}) or a larger max_cells if the memory is there")
-    if not parts or sum(len(p[0]) for p in parts) == 0:
+        row_logw = lpa[k - 1] + np.log(dee) + const
+        for rows, mu, width, L, logw, end in _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr):
+            if len(L) == 0:
+                continue
+            top = max(top, logw.max())
+            sel = logw > top - keep
+            if not sel.all():
+                log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
+            if not sel.any():
+                continue
+            parts.append((k[rows[sel]], ebv[rows[sel]], dee[rows[sel]], mu[sel], width[sel], L[sel], logw[sel],
+                          end[sel]))
+            n_kept += int(sel.sum())
+            if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new top
+                parts, n_kept, log_drop = _prune(parts, top - keep, log_drop)
+                n_pruned = n_kept
+                if n_kept > max_cells:
+                    raise MemoryError(f"exact_posterior: this posterior keeps more than max_cells = "
+                                      f"{max_cells:.3g} quadrature cells (a very broad posterior); pass a lower "
+                                      f"`resolution` (now {resolution}) or a larger max_cells if the memory is there")
+    if not parts:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
-    k, ebv, dee, mu, width, L, end = (np.concatenate([p[c] for p in parts]) for c in range(7))
-    rows = np.arange(len(k))
-    lpa = prep["log_prior_age"]
-    logw = lpa[k[rows] - 1] + np.log(dee[rows] / (prep["e"][-1] - prep["e"][0])) \
-        + np.log(width / LN10 / (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0])) + L
-    top = logw.max()
-    log_z = top + np.log(np.sum(np.exp(logw - top)))
-    sel = logw > top - keep
-    rows, mu, width, L, logw, end = rows[sel], mu[sel], width[sel], L[sel], logw[sel], end[sel]
-    prob = np.exp(logw - log_z)
+    parts, n_kept, log_drop = _prune(parts, top - keep, log_drop)
+    k, ebv, dee, mu, width, L, logw, end = (np.concatenate([p[c] for p in parts]) for c in range(8))
+    del parts
+    log_z = np.logaddexp(_logsumexp(logw), log_drop)
+    logw -= log_z
+    prob = np.exp(logw, out=logw)
     prob /= prob.sum()
-    post = {"k": k[rows], "ebv": ebv[rows], "log10_mass": mu / LN10, "d_ebv": dee[rows],
-            "d_log10_mass": width / LN10, "prob": prob, "log_like": L, "log_z": log_z,
+    mu /= LN10
+    width /= LN10
+    post = {"k": k, "ebv": ebv, "log10_mass": mu, "d_ebv": dee,
+            "d_log10_mass": width, "prob": prob, "log_like": L, "log_z": log_z,
             "n_age": prep["A"].shape[0], "ebv_range": (prep["e"][0], prep["e"][-1]), "likelihood": likelihood,
             "obs": (f, r, d), "table": table}
     # cell shapes for sampling and marginals: a tent (triangle of half-width = cell width, the linear
     # interpolant of the midpoint values) inside, a box at the ends of a mass row (support edge, window end)
     # and at the ends of the E(B-V) range
     post["tent_mass"] = ~end
-    e_lo, e_hi = post["ebv"] - post["d_ebv"] / 2, post["ebv"] + post["d_ebv"] / 2
-    post["tent_ebv"] = (e_lo > prep["e"][0] + 1e-9) & (e_hi < prep["e"][-1] - 1e-9)
+    post["tent_ebv"] = (ebv - dee / 2 > prep["e"][0] + 1e-9) & (ebv + dee / 2 < prep["e"][-1] - 1e-9)
     post["age_pmf"] = np.bincount(post["k"] - 1, weights=prob, minlength=post["n_age"])
-    dens = logw - np.log(post["d_ebv"] * post["d_log10_mass"]) + np.log(post["k"] * LN10)
-    i = np.argmax(dens)
+    i = np.argmax(L + prep["map_age"][k - 1])
     post["map"] = np.array([np.log10(post["k"][i]), post["log10_mass"][i], post["ebv"][i]])
     _marginals(post)
     post["quantiles"] = posterior_quantiles(post)

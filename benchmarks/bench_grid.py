@@ -1,7 +1,8 @@
 """Benchmark and validation of grid_posterior on the real BC03 table (one CPU core: OMP_NUM_THREADS=1).
 
     python benchmarks/bench_grid.py --n 20                 # exact-posterior and MLE timings, convergence check
-    python benchmarks/bench_grid.py --sbc 500 --seed 1     # SBC of the exact posterior (slow: ~1 h on one core)
+    python benchmarks/bench_grid.py --sbc 500 --seed 1 --save F.npz    # SBC of the exact posterior (slow: ~1 h)
+    python benchmarks/bench_grid.py --summarize F.npz[,G.npz]          # its tests again, parts merged
 
 Simulated clusters come from simulate.sample_prior / model_flux and preprocess.add_noise (the training pipeline's
 own noise code), so the SBC also cross-checks that the posterior's likelihood matches the simulator.
@@ -82,40 +83,61 @@ def bench_convergence(n, seed):
 
 def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, start=0):
     """Ranks of the truth among posterior draws per parameter, PIT of the marginals, and the HPD rank;
-    with `save`, the arrays so far are written there every 25 clusters (summarise with --summarize FILE)."""
+    with `save`, the arrays so far are written there every 25 clusters and at the end (summarise with
+    --summarize FILE), with each cluster's CPU time and kept cells. A posterior over grid_posterior's memory
+    cap (MemoryError) is recorded as failed (rank -1) and left out of the tests, not a crash of the run."""
     theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
     theta, fs, rs, d = theta[start:], fs[start:], rs[start:], d[start:]     # `start`: a second worker's share
     n = len(theta)
     rng = np.random.default_rng([seed + 100, start])
-    ranks, pit, hpd = np.empty((n, 3), int), np.empty((n, 3)), np.empty(n, int)
+    ranks, pit, hpd = np.full((n, 3), -1), np.full((n, 3), np.nan), np.full(n, -1)
+    cpu, cells, failed = np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n, bool)
     t0 = time.time()
     for i in range(n):
-        post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood)
+        c0 = time.process_time()
+        try:
+            post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood)
+        except MemoryError as err:
+            print(f"  sbc cluster {start + i} failed: {err}", file=sys.stderr, flush=True)
+            failed[i] = True
+            continue
+        cpu[i], cells[i] = time.process_time() - c0, len(post["prob"])
         s = gp.sample_posterior(post, n_samples, rng)
         ranks[i] = (s < theta[i]).sum(0)
         pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
         ld = gp.log_density(np.concatenate([theta[i:i + 1], s])[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1],
                             posts=[post], likelihood=likelihood)[0]
         hpd[i] = np.sum(ld[1:] > ld[0])
-        if progress and (i + 1) % 25 == 0:
-            print(f"  sbc {i + 1}/{n}, {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        del post
+        if progress and ((i + 1) % 25 == 0 or i + 1 == n):
+            print(f"  sbc {i + 1}/{n}, {time.time() - t0:.0f} s, {failed[:i + 1].sum()} failed",
+                  file=sys.stderr, flush=True)
             if save:
                 simulate.save_npz(save, ranks=ranks[:i + 1], pit=pit[:i + 1], hpd=hpd[:i + 1],
-                                  n_samples=np.int64(n_samples), seed=np.int64(seed))
-    return sbc_summary(ranks, pit, hpd, n_samples, likelihood, seed)
+                                  failed=failed[:i + 1], cpu_s=cpu[:i + 1], n_cells=cells[:i + 1],
+                                  start=np.int64(start), n_samples=np.int64(n_samples), seed=np.int64(seed))
+    return sbc_summary(ranks, pit, hpd, n_samples, likelihood, seed, failed=failed, cpu=cpu)
 
 
-def sbc_summary(ranks, pit, hpd, n_samples, likelihood="exact", seed=None):
-    """chi^2 test of the rank histograms (10 bins), KS test of the PIT, chi^2 test of the HPD rank."""
+def sbc_summary(ranks, pit, hpd, n_samples, likelihood="exact", seed=None, failed=None, cpu=None):
+    """chi^2 test of the rank histograms (10 bins), KS test of the PIT, chi^2 test of the HPD rank, over the
+    clusters that did not fail; the CPU time per cluster if known."""
+    ok = ~failed if failed is not None else np.ones(len(ranks), bool)
+    ranks, pit, hpd = ranks[ok], pit[ok], hpd[ok]
     n = len(ranks)
     hist = [np.bincount(ranks[:, j] * 10 // (n_samples + 1), minlength=10) for j in range(3)]
     p_chi2 = [stats.chisquare(h).pvalue for h in hist]
     p_ks = [stats.kstest(pit[:, j], "uniform").pvalue for j in range(3)]
     p_hpd = stats.chisquare(np.bincount(hpd * 10 // (n_samples + 1), minlength=10)).pvalue
-    print(f"SBC of the exact posterior ({likelihood} likelihood), {n} prior clusters, seed {seed}, L = {n_samples}:")
+    print(f"SBC of the exact posterior ({likelihood} likelihood), {n} prior clusters, seed {seed}, L = {n_samples}"
+          f", {len(ok) - n} failed (memory cap):")
     for j, name in enumerate(("log10 age", "log10 mass", "E(B-V)")):
         print(f"  {name:10s}: rank-histogram chi^2 p = {p_chi2[j]:.3f}, KS on PIT p = {p_ks[j]:.3f}")
     print(f"  HPD rank (joint): chi^2 p = {p_hpd:.3g}")
+    if cpu is not None and np.isfinite(cpu).any():
+        c = cpu[np.isfinite(cpu)]
+        print(f"  exact posterior CPU time per cluster: median {np.median(c):.2f} s, mean {c.mean():.2f} s, "
+              f"90th pct {np.percentile(c, 90):.2f} s, max {c.max():.2f} s; <= 1 s for {np.mean(c <= 1):.0%}")
     return p_chi2, p_ks, p_hpd
 
 
@@ -132,8 +154,12 @@ def main(argv=None):
     if args.summarize:
         zs = [simulate.load_npz(p, required=("ranks", "pit", "hpd", "n_samples", "seed"))
               for p in args.summarize.split(",")]
+        for z in zs:                                      # files from before the failed/cpu_s keys
+            z.setdefault("failed", np.zeros(len(z["ranks"]), bool))
+            z.setdefault("cpu_s", np.full(len(z["ranks"]), np.nan))
         sbc_summary(*(np.concatenate([z[k] for z in zs]) for k in ("ranks", "pit", "hpd")),
-                    int(zs[0]["n_samples"]), seed=int(zs[0]["seed"]))
+                    int(zs[0]["n_samples"]), seed=int(zs[0]["seed"]),
+                    failed=np.concatenate([z["failed"] for z in zs]), cpu=np.concatenate([z["cpu_s"] for z in zs]))
         return
     if args.sbc:
         sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start)

@@ -13,6 +13,15 @@ Each target is mapped to the real line by u = Phi^-1((theta - a) / (b - a)) (Phi
 Under the uniform prior of Sect. 3 this makes u close to standard normal, so no further standardisation of the
 targets is needed. The inputs x are standardised inside the model with statistics of the training split.
 
+The mass floor (optional, `x` passed to the transforms): the noise model allows sigma_b <= f_b / 2 only, so given
+x (sigma_b = r*_b f*_b) and (t', E(B-V)) the initial mass is bounded below by
+    m >= m_floor = max_b 2 sigma_b / F_b(round(t'), E(B-V), d)        (F_b per Msun at distance d),
+a hard edge where the exact posterior is often largest (p(sigma | f) = 2/f favours the faintest model allowed).
+A smooth flow cannot end its density on that edge; it leaks ~20 % of its samples below it. With the floor as
+the lower bound of the log-mass transform, a = max(2, log10 m_floor(t', E)), the network sees a box again and
+the edge is exact. The map is triangular (the bound depends on t' and E only), so its log-Jacobian is still the
+sum of the three diagonal terms.
+
 CLI:  python preprocess.py --sim sim.npz --out DIR [--n-val N] [--n-test N] [--seed S]
       writes DIR/train.npz, DIR/val.npz, DIR/test.npz (train.npz also keeps the noiseless 10 pc fluxes and the
       integer ages, so that train.py --online can re-draw distance and noise every epoch).
@@ -29,11 +38,15 @@ BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")  # same order as simulate.
 THETA_NAMES = ("log10_age_myr", "log10_mass", "ebv")
 # [a, b] per target; wide enough to hold every jittered age label t' in [0.5, 13750.5] Myr.
 THETA_BOUNDS = np.array([[np.log10(0.5), np.log10(13750.5)], [2.0, 8.0], [0.0, 1.5]])
+EBV_BOUNDS = tuple(THETA_BOUNDS[2])
 DISTANCE_RANGE_MPC = (1.0, 30.0)
 R_MAX = 0.5          # relative noise level r ~ U[0, R_MAX]
 SYS_ERR = 0.05       # Eq. 10: systematic relative error added to real catalogues
 EPS = 1e-7           # (theta - a)/(b - a) is clipped to [EPS, 1 - EPS]: |u| <= 5.2 stays finite on the bounds
 PC10_IN_MPC = 1e-5
+
+
+FLOOR_GAP = 1e-3     # the mass floor is kept at least this far (dex) below the upper bound 8
 
 
 def _check_theta(theta):
@@ -43,30 +56,65 @@ def _check_theta(theta):
     return theta
 
 
-def theta_to_u(theta):
-    """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped)."""
+def log_mass_floor(log_age, ebv, x):
+    """Lowest log10 m0 the noise model allows (module docstring), clipped to [2, 8 - FLOOR_GAP].
+
+    log_age: log10 t' (the jittered label; the photometry is that of the bin round(t')), ebv, and x (..., 11)
+    the network inputs (log10 f*, r*, d), all broadcast against each other."""
+    import simulate
+    x = np.asarray(x, dtype=np.float64)
+    k = np.clip(np.floor(10.0 ** np.asarray(log_age) + 0.5), 1, simulate.AGE_MAX_MYR).astype(np.int64)
+    e = np.clip(ebv, EBV_BOUNDS[0], EBV_BOUNDS[1])
+    per_msun = simulate.model_flux(k, e, 0.0, x[..., 10])                 # F_b(t, E, d) per Msun formed
+    sigma = x[..., 5:10] * 10.0 ** x[..., 0:5]                             # sigma_b = r*_b f*_b
+    floor = np.log10(np.max(2.0 * sigma / per_msun, axis=-1))
+    return np.clip(floor, THETA_BOUNDS[1, 0], THETA_BOUNDS[1, 1] - FLOOR_GAP)
+
+
+def _bounds(theta, x):
+    """Lower and upper bounds (..., 3) of the transform; with x, the log-mass lower bound is the floor."""
+    a = np.broadcast_to(THETA_BOUNDS[:, 0], theta.shape).copy()
+    if x is not None:
+        a[..., 1] = log_mass_floor(theta[..., 0], theta[..., 2], x)
+    return a, np.broadcast_to(THETA_BOUNDS[:, 1], theta.shape)
+
+
+def theta_to_u(theta, x=None):
+    """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
+    With x, a of log mass is the mass floor of theta's (t', E) given x."""
     theta = _check_theta(theta)
-    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
+    a, b = _bounds(theta, x)
     p = np.clip((theta - a) / (b - a), EPS, 1.0 - EPS)
     return ndtri(p)
 
 
-def u_to_theta(u):
-    """Inverse of theta_to_u: theta = a + (b - a) Phi(u)."""
+def u_to_theta(u, x=None):
+    """Inverse of theta_to_u: theta = a + (b - a) Phi(u) (age and E(B-V) first, then the mass floor they set)."""
     u = _check_theta(u)
-    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
-    return a + (b - a) * ndtr(u)
+    theta = THETA_BOUNDS[:, 0] + (THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]) * ndtr(u)
+    if x is not None:
+        a, b = _bounds(theta, x)
+        theta[..., 1] = a[..., 1] + (b[..., 1] - a[..., 1]) * ndtr(u[..., 1])
+    return theta
 
 
-def log_det_theta_to_u(theta):
-    """sum_i log|du_i/dtheta_i| (N,): du/dtheta = 1 / ((b - a) phi(u)), phi the standard normal density.
+def log_det_theta_to_u(theta, x=None):
+    """sum_i log|du_i/dtheta_i| (N,): du/dtheta = 1 / ((b - a) phi(u)), phi the standard normal density
+    (with the mass floor the Jacobian is triangular: still the sum of these diagonal terms).
 
-    p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta)).
+    p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
     """
-    u = theta_to_u(theta)
-    width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
+    theta = _check_theta(theta)
+    u = theta_to_u(theta, x)
+    a, b = _bounds(theta, x)
     log_phi = -0.5 * u ** 2 - 0.5 * np.log(2.0 * np.pi)
-    return np.sum(-np.log(width) - log_phi, axis=-1)
+    return np.sum(-np.log(b - a) - log_phi, axis=-1)
+
+
+def below_floor(theta, x):
+    """True where theta's log mass lies below the floor of its (t', E) (zero likelihood under the noise model)."""
+    theta = _check_theta(theta)
+    return theta[..., 1] < log_mass_floor(theta[..., 0], theta[..., 2], x)
 
 
 def add_noise(flux_true_mjy, rng, r_max=R_MAX):

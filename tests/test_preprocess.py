@@ -138,3 +138,53 @@ def test_cli_writes_three_files(tmp_path):
              "--n-test", "400", "--seed", "1"])
     test = simulate.load_npz(tmp_path / "d" / "test.npz", required=("theta", "x", "rel_err"))
     assert test["x"].shape == (400, 11)
+
+
+def physical_obs(n, seed):
+    simulate = pytest.importorskip("simulate")
+    return pp.observe(simulate.simulate(n, seed=seed), np.random.default_rng(seed + 1))
+
+
+def test_mass_floor_is_the_support_edge_of_the_likelihood():
+    """The floor equals the edge sigma_b <= f_b / 2 of the noise model: the exact likelihood of
+    grid_posterior (written independently) is finite just above it and zero just below; the truth is never
+    below it, and for most clusters it lies well above the prior bound 2."""
+    gp = pytest.importorskip("grid_posterior")
+    obs = physical_obs(400, 3)
+    theta, x = obs["theta"], obs["x"]
+    floor = pp.log_mass_floor(theta[:, 0], theta[:, 2], x)
+    assert np.all(theta[:, 1] >= floor) and not np.any(pp.below_floor(theta, x))
+    assert np.mean(floor > 2.01) > 0.9 and np.median(theta[:, 1] - floor) < 0.3
+    checked = 0
+    for i in np.flatnonzero((floor > 2.01) & (floor < 7.9))[:40]:
+        f, r, d = obs["flux_mjy"][i], obs["rel_err"][i], obs["distance_mpc"][i]
+        for dm, finite in ((1e-6, True), (-1e-6, False)):
+            point = np.array([theta[i, 0], floor[i] + dm, theta[i, 2]])
+            L = gp.log_likelihood(point, f, r, d)[0]
+            assert np.isfinite(L) == finite, (i, dm, L)
+        checked += 1
+    assert checked == 40
+
+
+def test_mass_floor_transform_round_trip_and_triangular_jacobian():
+    obs = physical_obs(300, 4)
+    rng = np.random.default_rng(4)
+    x = obs["x"]
+    theta = random_theta(rng, len(x))
+    floor = pp.log_mass_floor(theta[:, 0], theta[:, 2], x)
+    theta[:, 1] = floor + (8.0 - floor) * rng.uniform(0.01, 0.99, len(x))    # inside the support
+    u = pp.theta_to_u(theta, x)
+    np.testing.assert_allclose(pp.u_to_theta(u, x), theta, rtol=0, atol=1e-10)
+    assert not np.allclose(u[:, 1], pp.theta_to_u(theta)[:, 1])             # the floor changes u
+    h, interior = 1e-6, 0
+    for i in range(0, len(x), 15):               # full 3x3 Jacobian by central differences, its log|det|
+        jac = np.empty((3, 3))
+        for j in range(3):
+            step = np.zeros(3)
+            step[j] = h
+            jac[:, j] = (pp.theta_to_u(theta[i] + step, x[i]) - pp.theta_to_u(theta[i] - step, x[i])) / (2 * h)
+        if 2.0 < floor[i] < 7.99:
+            assert abs(jac[1, 2]) > 0                                          # u_m depends on E(B-V)
+            interior += 1
+        np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i]), np.linalg.slogdet(jac)[1], atol=1e-3)
+    assert interior >= 5

@@ -81,45 +81,86 @@ def bench_convergence(n, seed):
           f"max |log Z change| {max(dz):.1e}")
 
 
-def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, start=0):
+def one_cluster(n, seed, i, resolution=2.0):
+    """Exact posterior of cluster i of simulated_clusters(n, seed): CPU time, kept cells, this process's peak
+    memory (run in a fresh process per cluster: `--cluster`, so the peak is the cluster's own)."""
+    import resource
+    theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
+    gp._linear_fit(gp._table())
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    c0 = time.process_time()
+    try:
+        cells = len(gp.exact_posterior(fs[i], rs[i], d[i], resolution=resolution)["prob"])
+    except MemoryError:
+        cells = -1
+    dt = time.process_time() - c0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"cluster {i} (seed {seed}, n {n}, resolution {resolution}): {dt:.2f} s CPU, "
+          f"{'over the memory cap' if cells < 0 else f'{cells} cells kept'}, peak RSS {peak:.2f} GB "
+          f"({peak - base:.2f} GB above the loaded table)", flush=True)
+
+
+def broad_clusters(path, top, resolution=2.0):
+    """Re-run the `top` clusters with the most kept cells (or failed) of a saved SBC file, each in a fresh
+    process, printing time and peak memory (grid_posterior's worst cases)."""
+    import subprocess
+    z = simulate.load_npz(path, required=("n_cells", "failed", "seed", "start"))
+    score = np.where(z["failed"], np.iinfo(np.int64).max, z["n_cells"])
+    idx = np.argsort(-score, kind="stable")[:top] + int(z["start"])
+    n = int(z.get("n_total", 500))
+    for i in idx:
+        subprocess.run([sys.executable, __file__, "--cluster", str(i), "--n", str(n), "--seed", str(int(z["seed"])),
+                        "--resolution", str(resolution)], check=True)
+
+
+def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, start=0, resolutions=(2.0, 1.0)):
     """Ranks of the truth among posterior draws per parameter, PIT of the marginals, and the HPD rank;
     with `save`, the arrays so far are written there every 25 clusters and at the end (summarise with
-    --summarize FILE), with each cluster's CPU time and kept cells. A posterior over grid_posterior's memory
-    cap (MemoryError) is recorded as failed (rank -1) and left out of the tests, not a crash of the run."""
+    --summarize FILE), with each cluster's CPU time (incl. failed tries), kept cells and resolution used.
+    A posterior over grid_posterior's memory cap (MemoryError) is retried at the next of `resolutions`
+    (leaving the broadest posteriors out would bias the test); if all fail it is recorded as failed (rank -1)
+    and left out of the tests, not a crash of the run."""
     theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
     theta, fs, rs, d = theta[start:], fs[start:], rs[start:], d[start:]     # `start`: a second worker's share
     n = len(theta)
     rng = np.random.default_rng([seed + 100, start])
     ranks, pit, hpd = np.full((n, 3), -1), np.full((n, 3), np.nan), np.full(n, -1)
     cpu, cells, failed = np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n, bool)
+    used = np.full(n, np.nan)
     t0 = time.time()
     for i in range(n):
         c0 = time.process_time()
-        try:
-            post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood)
-        except MemoryError as err:
-            print(f"  sbc cluster {start + i} failed: {err}", file=sys.stderr, flush=True)
+        post = None
+        for res in resolutions:                      # the default resolution, then coarser if over the memory cap
+            try:
+                post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood, resolution=res)
+                break
+            except MemoryError as err:
+                print(f"  sbc cluster {start + i} at resolution {res}: {err}", file=sys.stderr, flush=True)
+        if post is None:
             failed[i] = True
-            continue
-        cpu[i], cells[i] = time.process_time() - c0, len(post["prob"])
-        s = gp.sample_posterior(post, n_samples, rng)
-        ranks[i] = (s < theta[i]).sum(0)
-        pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
-        ld = gp.log_density(np.concatenate([theta[i:i + 1], s])[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1],
-                            posts=[post], likelihood=likelihood)[0]
-        hpd[i] = np.sum(ld[1:] > ld[0])
-        del post
+        else:
+            cpu[i], cells[i], used[i] = time.process_time() - c0, len(post["prob"]), res
+            s = gp.sample_posterior(post, n_samples, rng)
+            ranks[i] = (s < theta[i]).sum(0)
+            pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
+            ld = gp.log_density(np.concatenate([theta[i:i + 1], s])[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1],
+                                posts=[post], likelihood=likelihood)[0]
+            hpd[i] = np.sum(ld[1:] > ld[0])
+            del post
         if progress and ((i + 1) % 25 == 0 or i + 1 == n):
             print(f"  sbc {i + 1}/{n}, {time.time() - t0:.0f} s, {failed[:i + 1].sum()} failed",
                   file=sys.stderr, flush=True)
             if save:
                 simulate.save_npz(save, ranks=ranks[:i + 1], pit=pit[:i + 1], hpd=hpd[:i + 1],
                                   failed=failed[:i + 1], cpu_s=cpu[:i + 1], n_cells=cells[:i + 1],
-                                  start=np.int64(start), n_samples=np.int64(n_samples), seed=np.int64(seed))
-    return sbc_summary(ranks, pit, hpd, n_samples, likelihood, seed, failed=failed, cpu=cpu)
+                                  resolution=used[:i + 1],
+                                  start=np.int64(start), n_total=np.int64(n + start), n_samples=np.int64(n_samples),
+                                  seed=np.int64(seed))
+    return sbc_summary(ranks, pit, hpd, n_samples, likelihood, seed, failed=failed, cpu=cpu, resolution=used)
 
 
-def sbc_summary(ranks, pit, hpd, n_samples, likelihood="exact", seed=None, failed=None, cpu=None):
+def sbc_summary(ranks, pit, hpd, n_samples, likelihood="exact", seed=None, failed=None, cpu=None, resolution=None):
     """chi^2 test of the rank histograms (10 bins), KS test of the PIT, chi^2 test of the HPD rank, over the
     clusters that did not fail; the CPU time per cluster if known."""
     ok = ~failed if failed is not None else np.ones(len(ranks), bool)
@@ -134,6 +175,9 @@ def sbc_summary(ranks, pit, hpd, n_samples, likelihood="exact", seed=None, faile
     for j, name in enumerate(("log10 age", "log10 mass", "E(B-V)")):
         print(f"  {name:10s}: rank-histogram chi^2 p = {p_chi2[j]:.3f}, KS on PIT p = {p_ks[j]:.3f}")
     print(f"  HPD rank (joint): chi^2 p = {p_hpd:.3g}")
+    if resolution is not None and np.isfinite(resolution).any():
+        vals, counts = np.unique(resolution[np.isfinite(resolution)], return_counts=True)
+        print("  resolution used: " + ", ".join(f"{v:g}: {c} clusters" for v, c in zip(vals, counts)))
     if cpu is not None and np.isfinite(cpu).any():
         c = cpu[np.isfinite(cpu)]
         print(f"  exact posterior CPU time per cluster: median {np.median(c):.2f} s, mean {c.mean():.2f} s, "
@@ -150,16 +194,29 @@ def main(argv=None):
     ap.add_argument("--save", default=None, help="with --sbc: write the ranks so far to this .npz")
     ap.add_argument("--start", type=int, default=0, help="with --sbc: skip the first START clusters (split runs)")
     ap.add_argument("--summarize", default=None, help="print the SBC tests of --save file(s), comma-separated")
+    ap.add_argument("--cluster", type=int, default=None,
+                    help="time one cluster of the --n clusters of --seed (CPU time, peak memory) and exit")
+    ap.add_argument("--broad", default=None, help="saved SBC .npz: time its --top broadest clusters, one process each")
+    ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--resolution", type=float, default=2.0, help="with --cluster/--broad")
     args = ap.parse_args(argv)
+    if args.cluster is not None:
+        one_cluster(args.n, args.seed, args.cluster, args.resolution)
+        return
+    if args.broad:
+        broad_clusters(args.broad, args.top, args.resolution)
+        return
     if args.summarize:
         zs = [simulate.load_npz(p, required=("ranks", "pit", "hpd", "n_samples", "seed"))
               for p in args.summarize.split(",")]
         for z in zs:                                      # files from before the failed/cpu_s keys
             z.setdefault("failed", np.zeros(len(z["ranks"]), bool))
             z.setdefault("cpu_s", np.full(len(z["ranks"]), np.nan))
+            z.setdefault("resolution", np.full(len(z["ranks"]), np.nan))
         sbc_summary(*(np.concatenate([z[k] for z in zs]) for k in ("ranks", "pit", "hpd")),
                     int(zs[0]["n_samples"]), seed=int(zs[0]["seed"]),
-                    failed=np.concatenate([z["failed"] for z in zs]), cpu=np.concatenate([z["cpu_s"] for z in zs]))
+                    failed=np.concatenate([z["failed"] for z in zs]), cpu=np.concatenate([z["cpu_s"] for z in zs]),
+                    resolution=np.concatenate([z["resolution"] for z in zs]))
         return
     if args.sbc:
         sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start)

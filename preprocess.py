@@ -111,10 +111,11 @@ def log_det_theta_to_u(theta, x=None):
     return np.sum(-np.log(b - a) - log_phi, axis=-1)
 
 
-def below_floor(theta, x):
-    """True where theta's log mass lies below the floor of its (t', E) (zero likelihood under the noise model)."""
+def below_floor(theta, x, tol=1e-6):
+    """True where theta's log mass lies more than tol dex below the floor of its (t', E) (zero likelihood
+    under the noise model). tol absorbs float32 rounding of samples drawn on the floor."""
     theta = _check_theta(theta)
-    return theta[..., 1] < log_mass_floor(theta[..., 0], theta[..., 2], x)
+    return theta[..., 1] < log_mass_floor(theta[..., 0], theta[..., 2], x) - tol
 
 
 def add_noise(flux_true_mjy, rng, r_max=R_MAX):

@@ -45,7 +45,8 @@ DEFAULT_CONFIG = dict(
     cond_depth=2,
     final_init=0.1,   # scale of the subnets' last layer at init (small: blocks start close to identity)
     perm_seed=0,      # seed of the fixed permutations
-    mass_floor=False,  # log-mass transform bounded below by the noise model's floor (preprocess docstring)
+    floor_scale=0.0,  # > 0: log-mass transform with the noise model's mass floor at this scale in dex
+                      # (preprocess docstring; 0 = the plain transform of the paper)
 )
 
 
@@ -211,9 +212,9 @@ class CINN(nn.Module):
                                for zz in z.split(batch_rows)])
             else:
                 u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
-            if self.config["mass_floor"]:      # the floor depends on x and the model table: NumPy, float64
+            if self.config["floor_scale"] > 0:   # the floor depends on x and the model table: NumPy, float64
                 xr = np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
-                theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr)
+                theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, self.config["floor_scale"])
             else:
                 theta = self.u_to_theta(u).cpu().numpy()
             out[i:i + m] = theta.reshape(m, n, D)
@@ -225,7 +226,7 @@ class CINN(nn.Module):
         """log p(theta | x) in physical coordinates (N,) (or (N, K) for theta (N, K, 3) and x (N, 11)).
 
         Includes the bounded transform's Jacobian: log p(theta|x) = log p(u|x) + sum log|du/dtheta|.
-        Points outside THETA_BOUNDS (or, with config mass_floor, below the mass floor) get -inf.
+        Points outside THETA_BOUNDS (or, with config floor_scale > 0, below the mass floor) get -inf.
         """
         was_training = self.training
         self.eval()
@@ -240,13 +241,14 @@ class CINN(nn.Module):
         xt = self._x_tensor(x)
         bounds = self.theta_bounds.cpu().numpy().astype(np.float64)
         inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
-        xf = x if self.config["mass_floor"] else None
+        scale = self.config["floor_scale"]
+        xf = x if scale > 0 else None
         if xf is not None:
             inside &= ~preprocess.below_floor(theta, x)
-        u = torch.as_tensor(preprocess.theta_to_u(theta, xf), dtype=xt.dtype, device=self.device)
+        u = torch.as_tensor(preprocess.theta_to_u(theta, xf, scale), dtype=xt.dtype, device=self.device)
         logp = np.concatenate([self.log_prob_u(u[i:i + batch_rows], xt[i:i + batch_rows]).double().cpu().numpy()
                                for i in range(0, len(u), batch_rows)]) if len(u) else np.zeros(0)
-        logp = logp + preprocess.log_det_theta_to_u(theta, xf)
+        logp = logp + preprocess.log_det_theta_to_u(theta, xf, scale)
         logp[~inside] = -np.inf
         self.train(was_training)
         return logp.reshape(shape)

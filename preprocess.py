@@ -17,10 +17,13 @@ The mass floor (optional, `x` passed to the transforms): the noise model allows 
 x (sigma_b = r*_b f*_b) and (t', E(B-V)) the initial mass is bounded below by
     m >= m_floor = max_b 2 sigma_b / F_b(round(t'), E(B-V), d)        (F_b per Msun at distance d),
 a hard edge where the exact posterior is often largest (p(sigma | f) = 2/f favours the faintest model allowed).
-A smooth flow cannot end its density on that edge; it leaks ~20 % of its samples below it. With the floor as
-the lower bound of the log-mass transform, a = max(2, log10 m_floor(t', E)), the network sees a box again and
-the edge is exact. The map is triangular (the bound depends on t' and E only), so its log-Jacobian is still the
-sum of the three diagonal terms.
+A smooth flow cannot end its density on that edge; it leaks ~20 % of its samples below it. With x, the
+log-mass coordinate gets a term that sends the floor a = log10 m_floor(t', E) to -infinity:
+    u_m = Phi^-1((m - 2) / 6) + log(1 - exp(-(m - a) / s)),        s = FLOOR_SCALE = 0.1 dex,
+so the density ends smoothly in u; a few s above the floor the term vanishes and u_m is the plain transform
+(bright, low-noise clusters, whose floor lies far below their mass, are modelled as without it). The map is
+triangular (a depends on t' and E only), so its log-Jacobian is still the sum of the three diagonal terms; the
+mass is recovered from u_m by bisection.
 
 CLI:  python preprocess.py --sim sim.npz --out DIR [--n-val N] [--n-test N] [--seed S]
       writes DIR/train.npz, DIR/val.npz, DIR/test.npz (train.npz also keeps the noiseless 10 pc fluxes and the
@@ -47,6 +50,7 @@ PC10_IN_MPC = 1e-5
 
 
 FLOOR_GAP = 1e-3     # the mass floor is kept at least this far (dex) below the upper bound 8
+FLOOR_SCALE = 0.1    # dex: width of the floor term of the log-mass transform (module docstring)
 
 
 def _check_theta(theta):
@@ -71,44 +75,74 @@ def log_mass_floor(log_age, ebv, x):
     return np.clip(floor, THETA_BOUNDS[1, 0], THETA_BOUNDS[1, 1] - FLOOR_GAP)
 
 
-def _bounds(theta, x):
-    """Lower and upper bounds (..., 3) of the transform; with x, the log-mass lower bound is the floor."""
-    a = np.broadcast_to(THETA_BOUNDS[:, 0], theta.shape).copy()
-    if x is not None:
-        a[..., 1] = log_mass_floor(theta[..., 0], theta[..., 2], x)
-    return a, np.broadcast_to(THETA_BOUNDS[:, 1], theta.shape)
+def _mass_u(m, a, scale):
+    """u_m of the module docstring: the plain log-mass transform plus log(1 - exp(-(m - a)/scale))."""
+    u0 = ndtri(np.clip((m - THETA_BOUNDS[1, 0]) / (THETA_BOUNDS[1, 1] - THETA_BOUNDS[1, 0]), EPS, 1.0 - EPS))
+    return u0 + np.log(-np.expm1(-np.maximum(m - a, 1e-12) / scale))
 
 
-def theta_to_u(theta, x=None):
+def _log_mass_du(m, a, scale):
+    """log du_m/dm: 1 / (6 phi(u0)) + (1/scale) / (exp((m - a)/scale) - 1), both terms positive."""
+    width = THETA_BOUNDS[1, 1] - THETA_BOUNDS[1, 0]
+    u0 = ndtri(np.clip((m - THETA_BOUNDS[1, 0]) / width, EPS, 1.0 - EPS))
+    plain = -np.log(width) + 0.5 * u0 ** 2 + 0.5 * np.log(2.0 * np.pi)
+    edge = -np.log(scale) - np.log(np.expm1(np.maximum(m - a, 1e-12) / scale))
+    return np.logaddexp(plain, edge)
+
+
+def _mass_from_u(u, a, scale, tol=1e-12):
+    """Inverse of _mass_u on [a, 8] by bisection (u_m increases with m). The floor term h <= 0 brackets the
+    root: m >= lo = max(a, m_plain(u)), and since h rises with m, m <= hi = m_plain(u - h(lo - a)), where
+    m_plain(v) = 2 + 6 Phi(v) inverts the plain transform; far above the floor the bracket is already tight."""
+    m_plain = lambda v: THETA_BOUNDS[1, 0] + (THETA_BOUNDS[1, 1] - THETA_BOUNDS[1, 0]) * ndtr(v)
+    lo = np.maximum(a, m_plain(u))
+    hi = np.maximum(lo, m_plain(u - np.log(-np.expm1(-np.maximum(lo - a, 1e-12) / scale))))
+    for _ in range(64):
+        if np.size(lo) == 0 or np.max(hi - lo) < tol:
+            break
+        mid = 0.5 * (lo + hi)
+        up = _mass_u(mid, a, scale) < u
+        lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def theta_to_u(theta, x=None, scale=FLOOR_SCALE):
     """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
-    With x, a of log mass is the mass floor of theta's (t', E) given x."""
+    With x, log mass gets the floor term of the module docstring (-> -inf at the floor of theta's t', E)."""
     theta = _check_theta(theta)
-    a, b = _bounds(theta, x)
-    p = np.clip((theta - a) / (b - a), EPS, 1.0 - EPS)
-    return ndtri(p)
+    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
+    u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
+    if x is not None:
+        floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
+        u[..., 1] = _mass_u(theta[..., 1], floor, scale)
+    return u
 
 
-def u_to_theta(u, x=None):
-    """Inverse of theta_to_u: theta = a + (b - a) Phi(u) (age and E(B-V) first, then the mass floor they set)."""
+def u_to_theta(u, x=None, scale=FLOOR_SCALE):
+    """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x, age and E(B-V) first, then the mass above
+    the floor they set."""
     u = _check_theta(u)
     theta = THETA_BOUNDS[:, 0] + (THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]) * ndtr(u)
     if x is not None:
-        a, b = _bounds(theta, x)
-        theta[..., 1] = a[..., 1] + (b[..., 1] - a[..., 1]) * ndtr(u[..., 1])
+        floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
+        theta[..., 1] = _mass_from_u(u[..., 1], floor, scale)
     return theta
 
 
-def log_det_theta_to_u(theta, x=None):
-    """sum_i log|du_i/dtheta_i| (N,): du/dtheta = 1 / ((b - a) phi(u)), phi the standard normal density
-    (with the mass floor the Jacobian is triangular: still the sum of these diagonal terms).
+def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE):
+    """sum_i log|du_i/dtheta_i| (N,): du/dtheta = 1 / ((b - a) phi(u)), phi the standard normal density;
+    with x the log-mass term is that of the floor transform (the Jacobian is triangular: still a sum).
 
     p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
     """
     theta = _check_theta(theta)
-    u = theta_to_u(theta, x)
-    a, b = _bounds(theta, x)
-    log_phi = -0.5 * u ** 2 - 0.5 * np.log(2.0 * np.pi)
-    return np.sum(-np.log(b - a) - log_phi, axis=-1)
+    u = theta_to_u(theta)
+    width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
+    terms = -np.log(width) + 0.5 * u ** 2 + 0.5 * np.log(2.0 * np.pi)
+    if x is not None:
+        floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
+        terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale)
+    return np.sum(terms, axis=-1)
 
 
 def below_floor(theta, x, tol=1e-6):

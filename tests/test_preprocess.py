@@ -172,7 +172,14 @@ def test_mass_floor_transform_round_trip_and_triangular_jacobian():
     x = obs["x"]
     theta = random_theta(rng, len(x))
     floor = pp.log_mass_floor(theta[:, 0], theta[:, 2], x)
-    theta[:, 1] = floor + (8.0 - floor) * rng.uniform(0.01, 0.99, len(x))    # inside the support
+    theta[:, 1] = floor + (np.minimum(floor + 0.3, 8.0) - floor) * rng.uniform(0.02, 0.98, len(x))  # near it
+    far = theta.copy()
+    far[:, 1] = np.where(floor < 5.5, floor + 2.0, far[:, 1])         # 20 scales above: the plain transform
+    np.testing.assert_allclose(pp.theta_to_u(far, x)[floor < 5.5, 1], pp.theta_to_u(far)[floor < 5.5, 1],
+                               atol=1e-7)
+    at_floor = theta.copy()
+    at_floor[:, 1] = floor
+    assert np.all(pp.theta_to_u(at_floor, x)[floor < 7.9, 1] < -20)    # the edge goes to -infinity
     u = pp.theta_to_u(theta, x)
     np.testing.assert_allclose(pp.u_to_theta(u, x), theta, rtol=0, atol=1e-10)
     assert not np.allclose(u[:, 1], pp.theta_to_u(theta)[:, 1])             # the floor changes u

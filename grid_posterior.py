@@ -463,7 +463,8 @@ def _prune(parts, level, log_drop):
 
 
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=2.0,
-                    tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000, max_cells=MAX_CELLS):
+                    tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000, max_cells=MAX_CELLS,
+                    max_evaluated=None):
     """Exact posterior p(k, E(B-V), log10 m | x) of one cluster (flux (5,)) or a list for a batch ((N, 5)).
 
     Returns a dict of grid cells (midpoint quadrature, see module docstring): `k` integer age (Myr), `ebv`,
@@ -477,13 +478,15 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     the running best, so memory is bounded by the kept cells; their weight still counts in log_z).
     max_cells: the most cells kept (~140 bytes each at the peak); a broader posterior raises MemoryError
     instead of exhausting the machine's memory (a 24 GB run was OOM-killed before the pruning and the cap).
+    max_evaluated: if given, the most cells evaluated (kept or pruned), a bound on the time (~1e7 cells/s);
+    past it MemoryError too (a batch can skip the cluster instead of stalling on it for many minutes).
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     if f.ndim == 2:
         out, t0 = [], time.time()
         for i in range(len(f)):
             out.append(exact_posterior(f[i], r[i], d[i], table, likelihood, resolution, tail, max_sub, keep,
-                                       max_cells=max_cells))
+                                       max_cells=max_cells, max_evaluated=max_evaluated))
             if progress and ((i + 1) % 50 == 0 or i + 1 == len(f)):
                 print(f"exact posterior: {i + 1}/{len(f)} clusters, {time.time() - t0:.1f} s", file=sys.stderr)
         return out
@@ -508,7 +511,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     # chunk); the pruned cells' weights are summed into log_drop, so log Z is that of all cells with L >= thr.
     lpa = prep["log_prior_age"]
     const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
-    parts, n_kept, n_pruned, top, log_drop = [], 0, 0, -np.inf, -np.inf
+    parts, n_kept, n_pruned, top, log_drop, n_eval = [], 0, 0, -np.inf, -np.inf, 0
     for s0 in range(0, len(seg[0]), seg_chunk):
         k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr,
                                        tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
@@ -516,6 +519,10 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             continue
         row_logw = lpa[k - 1] + np.log(dee) + const
         for rows, mu, width, L, logw, end in _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr):
+            n_eval += len(L)
+            if max_evaluated is not None and n_eval > max_evaluated:
+                raise MemoryError(f"exact_posterior: this posterior needs more than max_evaluated = "
+                                  f"{max_evaluated:.3g} evaluated quadrature cells (a very broad posterior)")
             if len(L) == 0:
                 continue
             top = max(top, logw.max())

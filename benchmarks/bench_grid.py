@@ -113,11 +113,13 @@ def broad_clusters(path, top, resolution=2.0):
                         "--resolution", str(resolution)], check=True)
 
 
-def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, start=0, resolutions=(2.0, 1.0)):
+def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, start=0, resolutions=(2.0, 1.0),
+        max_evaluated=5e8):
     """Ranks of the truth among posterior draws per parameter, PIT of the marginals, and the HPD rank;
     with `save`, the arrays so far are written there every 25 clusters and at the end (summarise with
     --summarize FILE), with each cluster's CPU time (incl. failed tries), kept cells and resolution used.
-    A posterior over grid_posterior's memory cap (MemoryError) is retried at the next of `resolutions`
+    A posterior over grid_posterior's memory cap or over max_evaluated cells (~1 min; MemoryError) is retried
+    at the next of `resolutions`
     (leaving the broadest posteriors out would bias the test); if all fail it is recorded as failed (rank -1)
     and left out of the tests, not a crash of the run."""
     theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
@@ -133,7 +135,8 @@ def sbc(n, seed, likelihood="exact", n_samples=99, progress=True, save=None, sta
         post = None
         for res in resolutions:                      # the default resolution, then coarser if over the memory cap
             try:
-                post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood, resolution=res)
+                post = gp.exact_posterior(fs[i], rs[i], d[i], likelihood=likelihood, resolution=res,
+                                          max_evaluated=max_evaluated)
                 break
             except MemoryError as err:
                 print(f"  sbc cluster {start + i} at resolution {res}: {err}", file=sys.stderr, flush=True)

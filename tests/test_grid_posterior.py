@@ -152,6 +152,10 @@ def test_too_broad_posterior_raises_memory_error_not_oom(table):
     n = len(gp.exact_posterior(fs[0], rs[0], d[0], table=table)["prob"])
     with pytest.raises(MemoryError, match="max_cells"):
         gp.exact_posterior(fs[0], rs[0], d[0], table=table, max_cells=n // 4)
+    with pytest.raises(MemoryError, match="max_evaluated"):              # the bound on the time spent
+        gp.exact_posterior(fs[0], rs[0], d[0], table=table, max_evaluated=n // 2)
+    big = gp.exact_posterior(fs[0], rs[0], d[0], table=table, max_evaluated=100 * n)
+    assert len(big["prob"]) == n
 
 
 def test_log_density_consistent_with_cells(table):

@@ -347,11 +347,23 @@ def test_sbc_real_table_500_clusters():
     d = rng.uniform(1.0, 30.0, n)
     fs, rs = preprocess.add_noise(simulate.model_flux(pr["age_myr"], pr["ebv"], pr["log10_mass"], d), rng)
     theta = np.stack([np.log10(pr["age_myr"] + rng.uniform(-0.5, 0.5, n)), pr["log10_mass"], pr["ebv"]], 1)
-    ranks, pit = np.empty((n, 3), int), np.empty((n, 3))
+    ranks, pit, failed = np.empty((n, 3), int), np.empty((n, 3)), []
     for i in range(n):
-        post = gp.exact_posterior(fs[i], rs[i], d[i])
+        post = None
+        for resolution in (2.0, 1.0):    # as bench_grid's SBC: a posterior over a cap is retried coarser
+            try:
+                post = gp.exact_posterior(fs[i], rs[i], d[i], resolution=resolution, max_evaluated=5e8)
+                break
+            except MemoryError:
+                continue
+        if post is None:                 # over both caps (6 of 500 in bench_grid's run): counted, not hidden
+            failed.append(i)
+            continue
         ranks[i] = (gp.sample_posterior(post, n_samples, rng) < theta[i]).sum(0)
         pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
+    assert len(failed) <= 10, failed
+    ok = np.setdiff1d(np.arange(n), failed)
+    ranks, pit = ranks[ok], pit[ok]
     for j in range(3):
         assert stats.chisquare(np.bincount(ranks[:, j] * 10 // (n_samples + 1), minlength=10)).pvalue > 1e-3
         assert stats.kstest(pit[:, j], "uniform").pvalue > 1e-3

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_train.py [--profile quick] [--threads 1 2] [--steps 60] [--device cpu]
 
-Uses random inputs with the shapes of real training data (the cost does not depend on the values), so it runs
-without simulated data. Prints figures; asserts nothing. Also prints the projected wall time of the profile's
+Training uses random inputs with the shapes of real training data (the cost does not depend on the values);
+sampling and log_prob use 100 freshly simulated clusters (the mass floor needs physical inputs). Prints figures; asserts nothing. Also prints the projected wall time of the profile's
 training run (epochs x training-set size / throughput) for a given number of training clusters.
 """
 import argparse
@@ -15,8 +15,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cinn    # noqa: E402
-import train   # noqa: E402
+import cinn        # noqa: E402
+import preprocess  # noqa: E402
+import simulate    # noqa: E402
+import train       # noqa: E402
 
 
 def train_throughput(cfg, steps, device):
@@ -57,11 +59,12 @@ def main(argv=None):
         minutes = cfg["train"]["epochs"] * args.n_train / sps / 60
         print(f"threads {threads}: training {sps:9.0f} samples/s -> {cfg['train']['epochs']} epochs of "
               f"{args.n_train} clusters in {minutes:.1f} min (plus validation)")
-        x = np.random.default_rng(1).normal(size=(100, 11))
+        obs = preprocess.observe(simulate.simulate(100, seed=1), np.random.default_rng(1))   # physical x: the
+        x = obs["x"]                                                                        # mass floor needs it
         t0 = time.perf_counter()
         model.sample(x, 1000, seed=0)
         t1 = time.perf_counter()
-        model.log_prob(np.full((100_000, 3), 1.0), np.repeat(x, 1000, axis=0))
+        model.log_prob(np.repeat(obs["theta"], 1000, axis=0), np.repeat(x, 1000, axis=0))
         t2 = time.perf_counter()
         print(f"threads {threads}: sample {1e5 / (t1 - t0):9.0f} samples/s;  log_prob {1e5 / (t2 - t1):9.0f} "
               f"points/s")

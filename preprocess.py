@@ -23,7 +23,7 @@ log-mass coordinate gets a term that sends the floor a = log10 m_floor(t', E) to
 so the density ends smoothly in u; a few s above the floor the term vanishes and u_m is the plain transform
 (bright, low-noise clusters, whose floor lies far below their mass, are modelled as without it). The map is
 triangular (a depends on t' and E only), so its log-Jacobian is still the sum of the three diagonal terms; the
-mass is recovered from u_m by bisection.
+mass is recovered from u_m by a bracketed bisection.
 
 CLI:  python preprocess.py --sim sim.npz --out DIR [--n-val N] [--n-test N] [--seed S]
       writes DIR/train.npz, DIR/val.npz, DIR/test.npz (train.npz also keeps the noiseless 10 pc fluxes and the
@@ -47,8 +47,6 @@ R_MAX = 0.5          # relative noise level r ~ U[0, R_MAX]
 SYS_ERR = 0.05       # Eq. 10: systematic relative error added to real catalogues
 EPS = 1e-7           # (theta - a)/(b - a) is clipped to [EPS, 1 - EPS]: |u| <= 5.2 stays finite on the bounds
 PC10_IN_MPC = 1e-5
-
-
 FLOOR_GAP = 1e-3     # the mass floor is kept at least this far (dex) below the upper bound 8
 FLOOR_SCALE = 0.1    # dex: width of the floor term of the log-mass transform (module docstring)
 
@@ -75,17 +73,32 @@ def log_mass_floor(log_age, ebv, x):
     return np.clip(floor, THETA_BOUNDS[1, 0], THETA_BOUNDS[1, 1] - FLOOR_GAP)
 
 
+M_LO, M_HI = THETA_BOUNDS[1]
+
+
+def _plain_mass_u(m):
+    """The plain log-mass transform Phi^-1((m - 2) / 6) (clipped like theta_to_u)."""
+    return ndtri(np.clip((m - M_LO) / (M_HI - M_LO), EPS, 1.0 - EPS))
+
+
+def _plain_mass(u):
+    """Its inverse, 2 + 6 Phi(u)."""
+    return M_LO + (M_HI - M_LO) * ndtr(u)
+
+
+def _floor_term(w, scale):
+    """log(1 - exp(-w / scale)) for the height w = m - floor >= 0: -> -inf at the floor, -> 0 above it."""
+    return np.log(-np.expm1(-np.maximum(w, 1e-12) / scale))
+
+
 def _mass_u(m, a, scale):
-    """u_m of the module docstring: the plain log-mass transform plus log(1 - exp(-(m - a)/scale))."""
-    u0 = ndtri(np.clip((m - THETA_BOUNDS[1, 0]) / (THETA_BOUNDS[1, 1] - THETA_BOUNDS[1, 0]), EPS, 1.0 - EPS))
-    return u0 + np.log(-np.expm1(-np.maximum(m - a, 1e-12) / scale))
+    """u_m of the module docstring: the plain log-mass transform plus the floor term."""
+    return _plain_mass_u(m) + _floor_term(m - a, scale)
 
 
 def _log_mass_du(m, a, scale):
     """log du_m/dm: 1 / (6 phi(u0)) + (1/scale) / (exp((m - a)/scale) - 1), both terms positive."""
-    width = THETA_BOUNDS[1, 1] - THETA_BOUNDS[1, 0]
-    u0 = ndtri(np.clip((m - THETA_BOUNDS[1, 0]) / width, EPS, 1.0 - EPS))
-    plain = -np.log(width) + 0.5 * u0 ** 2 + 0.5 * np.log(2.0 * np.pi)
+    plain = -np.log(M_HI - M_LO) + 0.5 * _plain_mass_u(m) ** 2 + 0.5 * np.log(2.0 * np.pi)
     edge = -np.log(scale) - np.log(np.expm1(np.maximum(m - a, 1e-12) / scale))
     return np.logaddexp(plain, edge)
 
@@ -93,10 +106,9 @@ def _log_mass_du(m, a, scale):
 def _mass_from_u(u, a, scale, tol=1e-12):
     """Inverse of _mass_u on [a, 8] by bisection (u_m increases with m). The floor term h <= 0 brackets the
     root: m >= lo = max(a, m_plain(u)), and since h rises with m, m <= hi = m_plain(u - h(lo - a)), where
-    m_plain(v) = 2 + 6 Phi(v) inverts the plain transform; far above the floor the bracket is already tight."""
-    m_plain = lambda v: THETA_BOUNDS[1, 0] + (THETA_BOUNDS[1, 1] - THETA_BOUNDS[1, 0]) * ndtr(v)
-    lo = np.maximum(a, m_plain(u))
-    hi = np.maximum(lo, m_plain(u - np.log(-np.expm1(-np.maximum(lo - a, 1e-12) / scale))))
+    m_plain = _plain_mass inverts the plain transform; far above the floor the bracket is already tight."""
+    lo = np.maximum(a, _plain_mass(u))
+    hi = np.maximum(lo, _plain_mass(u - _floor_term(lo - a, scale)))
     for _ in range(64):
         if np.size(lo) == 0 or np.max(hi - lo) < tol:
             break

@@ -242,13 +242,12 @@ class CINN(nn.Module):
         bounds = self.theta_bounds.cpu().numpy().astype(np.float64)
         inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
         scale = self.config["floor_scale"]
-        xf = x if scale > 0 else None
-        if xf is not None:
+        if scale > 0:
             inside &= ~preprocess.below_floor(theta, x)
-        u = torch.as_tensor(preprocess.theta_to_u(theta, xf, scale), dtype=xt.dtype, device=self.device)
+        u = torch.as_tensor(preprocess.theta_to_u(theta, x, scale), dtype=xt.dtype, device=self.device)
         logp = np.concatenate([self.log_prob_u(u[i:i + batch_rows], xt[i:i + batch_rows]).double().cpu().numpy()
                                for i in range(0, len(u), batch_rows)]) if len(u) else np.zeros(0)
-        logp = logp + preprocess.log_det_theta_to_u(theta, xf, scale)
+        logp = logp + preprocess.log_det_theta_to_u(theta, x, scale)
         logp[~inside] = -np.inf
         self.train(was_training)
         return logp.reshape(shape)

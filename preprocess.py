@@ -118,13 +118,19 @@ def _mass_from_u(u, a, scale, tol=1e-12):
     return 0.5 * (lo + hi)
 
 
+def _floored(x, scale):
+    """Whether the transforms use the mass floor: given the observation x and a scale > 0."""
+    return x is not None and scale > 0
+
+
 def theta_to_u(theta, x=None, scale=FLOOR_SCALE):
     """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
-    With x, log mass gets the floor term of the module docstring (-> -inf at the floor of theta's t', E)."""
+    With x and scale > 0, log mass gets the floor term of the module docstring (-> -inf at the floor of
+    theta's t', E); x None or scale 0 is the plain transform."""
     theta = _check_theta(theta)
     a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
     u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
-    if x is not None:
+    if _floored(x, scale):
         floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
         u[..., 1] = _mass_u(theta[..., 1], floor, scale)
     return u
@@ -135,7 +141,7 @@ def u_to_theta(u, x=None, scale=FLOOR_SCALE):
     the floor they set."""
     u = _check_theta(u)
     theta = THETA_BOUNDS[:, 0] + (THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]) * ndtr(u)
-    if x is not None:
+    if _floored(x, scale):
         floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
         theta[..., 1] = _mass_from_u(u[..., 1], floor, scale)
     return theta
@@ -151,7 +157,7 @@ def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE):
     u = theta_to_u(theta)
     width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
     terms = -np.log(width) + 0.5 * u ** 2 + 0.5 * np.log(2.0 * np.pi)
-    if x is not None:
+    if _floored(x, scale):
         floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
         terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale)
     return np.sum(terms, axis=-1)

@@ -4,8 +4,9 @@
 
 Adam (the L2 term enters as its weight decay 2 eta: the same gradient), cosine learning-rate decay, gradient-norm
 clipping, validation NLL every epoch, early stopping, an atomic checkpoint every epoch (RUN_DIR/last.pt: weights,
-optimizer, scheduler, epoch, history) and the best model so far (RUN_DIR/model.pt, the file cinn.load reads). All randomness of epoch e (shuffling, online noise) comes from
-generators seeded by (seed, e), so a run resumed from last.pt reproduces the uninterrupted run exactly.
+optimizer, scheduler, epoch, history) and the best model so far (RUN_DIR/model.pt, the file cinn.load reads).
+All randomness of epoch e (shuffling, online noise) comes from generators seeded by (seed, e), so a run resumed
+from last.pt reproduces the uninterrupted run exactly.
 
     python train.py --data DIR --out RUN_DIR [--profile quick|paper] [--epochs N] [--seed S] [--online]
     python train.py --data DIR --out RUN_DIR --resume                 # continue an interrupted run
@@ -85,7 +86,7 @@ def tensors(obs, device, n=None, floor_scale=0.0):
     theta, x = obs["theta"][:n], obs["x"][:n]
     if not np.all(np.isfinite(theta)):
         raise ValueError("training/validation targets theta contain NaN (real catalogue passed as training data?)")
-    u = preprocess.theta_to_u(theta, x if floor_scale > 0 else None, floor_scale)
+    u = preprocess.theta_to_u(theta, x, floor_scale)
     return (torch.as_tensor(u, dtype=torch.float32, device=device),
             torch.as_tensor(x, dtype=torch.float32, device=device))
 
@@ -261,8 +262,7 @@ def coverage(model, obs, n_samples=1000, levels=(0.68, 0.95), n=2000, seed=0):
     logp = model.log_prob(theta, x)
     out["test_nll"] = float(-np.mean(logp))
     scale = getattr(model, "config", {}).get("floor_scale", 0.0)
-    out["test_nll_u"] = float(-np.mean(logp - preprocess.log_det_theta_to_u(theta, x if scale > 0 else None,
-                                                                              scale)))
+    out["test_nll_u"] = float(-np.mean(logp - preprocess.log_det_theta_to_u(theta, x, scale)))
     return out
 
 

@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py [--profile quick] [--threads 1 2] [--steps 60] [--device cpu]
 
 Training uses random inputs with the shapes of real training data (the cost does not depend on the values);
-sampling and log_prob use 100 freshly simulated clusters (the mass floor needs physical inputs). Prints figures; asserts nothing. Also prints the projected wall time of the profile's
-training run (epochs x training-set size / throughput) for a given number of training clusters.
+sampling and log_prob use 100 freshly simulated clusters (the mass floor needs physical inputs). Prints
+figures; asserts nothing. Also prints the projected wall time of the profile's training run (epochs x
+training-set size / throughput) for a given number of training clusters.
 """
 import argparse
 import os

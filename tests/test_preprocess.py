@@ -182,6 +182,7 @@ def test_mass_floor_transform_round_trip_and_triangular_jacobian():
     assert np.all(pp.theta_to_u(at_floor, x)[floor < 7.9, 1] < -20)    # the edge goes to -infinity
     u = pp.theta_to_u(theta, x)
     np.testing.assert_allclose(pp.u_to_theta(u, x), theta, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(pp.theta_to_u(theta, x, 0.0), pp.theta_to_u(theta))   # scale 0: plain
     assert not np.allclose(u[:, 1], pp.theta_to_u(theta)[:, 1])             # the floor changes u
     h, interior = 1e-6, 0
     for i in range(0, len(x), 15):               # full 3x3 Jacobian by central differences, its log|det|

@@ -16,6 +16,18 @@ is soft-clamped s -> (2 clamp / pi) atan(s / clamp). After each block the three 
 fixed random permutation drawn from the block's own seeded generator. The condition c is the standardised x
 passed through a small MLP (the condition network), trained jointly.
 
+Age bins. The photometry depends on the integer age k only; the label t' = k + U[-1/2, 1/2] Myr is jittered
+independently of x (preprocess.jitter_age). So the true posterior is P(k, m, E | x) times a uniform density in
+t' inside the bin: in log10 t' it is t' ln 10 per Myr, a staircase at young ages that a smooth flow can only
+approximate. By default `sample` and `log_prob` use the flow averaged over each bin, the projection of the flow
+q onto posteriors of that form:
+
+    q_bin(log t', m, E | x) = Q(k, m, E | x) t' ln 10,    Q(k, m, E | x) = integral of q(l, m, E | x) over bin k
+
+(Q by 16-point Gauss-Legendre in l = log10 t'). Sampling it is sampling q and re-drawing t' uniformly inside
+its bin. By the chain rule of the KL divergence, KL(p || q) = KL(P || Q) + E[KL(uniform || q within the bin)]
+>= KL(p || q_bin): the projection never moves q away from the true posterior. `age_bins=False` gives the flow.
+
 Directions: `to_latent` (u -> z, with log|det J|, for densities and training) and `to_params` (z -> u, for
 sampling). Public interface for the other scripts:
 
@@ -28,6 +40,7 @@ import os
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 from torch import nn
 
 import preprocess
@@ -188,11 +201,12 @@ class CINN(nn.Module):
         return torch.as_tensor(x, dtype=self.x_mean.dtype, device=self.device)
 
     @torch.no_grad()
-    def sample(self, x, n, seed=None, batch_rows=1 << 17):
+    def sample(self, x, n, seed=None, batch_rows=1 << 17, age_bins=True):
         """n posterior samples per row of x -> numpy (N, n, 3) in physical units.
 
         Work is done in batches of about `batch_rows` samples; the condition network runs once per cluster.
-        The same seed, device, n and batch_rows give identical samples.
+        The same seed, device, n and batch_rows give identical samples. age_bins: re-draw each age label
+        uniformly inside its 1 Myr bin (samples of q_bin, module docstring); False: the flow's own samples.
         """
         was_training = self.training
         self.eval()
@@ -201,6 +215,7 @@ class CINN(nn.Module):
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 63))
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        age_rng = np.random.default_rng([int(seed), 1])       # the bin re-draws: their own generator
         out = np.empty((N, n, D), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
         per = max(1, batch_rows // max(n, 1))          # clusters per batch
         for i in range(0, N, per):
@@ -216,20 +231,22 @@ class CINN(nn.Module):
                 xr = np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
                 theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, self.config["floor_scale"])
             else:
-                theta = self.u_to_theta(u).cpu().numpy()
+                theta = self.u_to_theta(u).double().cpu().numpy()
+            if age_bins:
+                theta[:, 0] = preprocess.rejitter_age(theta[:, 0], age_rng)
             out[i:i + m] = theta.reshape(m, n, D)
         self.train(was_training)
         return out
 
-    @torch.no_grad()
-    def log_prob(self, theta, x, batch_rows=1 << 17):
+    def log_prob(self, theta, x, batch_rows=1 << 17, age_bins=True, n_nodes=16):
         """log p(theta | x) in physical coordinates (N,) (or (N, K) for theta (N, K, 3) and x (N, 11)).
 
         Includes the bounded transform's Jacobian: log p(theta|x) = log p(u|x) + sum log|du/dtheta|.
         Points outside THETA_BOUNDS (or, with config floor_scale > 0, below the mass floor) get -inf.
+        age_bins: the density of q_bin (module docstring), the flow integrated over the age bin with n_nodes
+        Gauss-Legendre nodes in u (n_nodes times the cost; in u the integrand is smooth up to the bound, in
+        log t' it is not); False: the flow's own density.
         """
-        was_training = self.training
-        self.eval()
         theta = np.asarray(theta, dtype=np.float64)
         x = np.asarray(x, dtype=np.float64)
         shape = theta.shape[:-1]
@@ -238,19 +255,41 @@ class CINN(nn.Module):
         theta = theta.reshape(-1, self.config["dim_theta"])
         if len(theta) != len(x):
             raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
-        xt = self._x_tensor(x)
-        bounds = self.theta_bounds.cpu().numpy().astype(np.float64)
-        inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
         scale = self.config["floor_scale"]
+        bounds = preprocess.THETA_BOUNDS
+        inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
         if scale > 0:
             inside &= ~preprocess.below_floor(theta, x)
-        u = torch.as_tensor(preprocess.theta_to_u(theta, x, scale), dtype=xt.dtype, device=self.device)
-        logp = np.concatenate([self.log_prob_u(u[i:i + batch_rows], xt[i:i + batch_rows]).double().cpu().numpy()
-                               for i in range(0, len(u), batch_rows)]) if len(u) else np.zeros(0)
-        logp = logp + preprocess.log_det_theta_to_u(theta, x, scale)
+        u = preprocess.theta_to_u(theta, x, scale)
+        log_du = preprocess.log_du_dtheta(theta, x, scale)
+        if age_bins:   # log Q(k, m, E) + log(t' ln 10): integral over the bin's u_0 range, then uniform in t'
+            edges = np.zeros((len(u), 2, 3))
+            edges[..., 0] = np.column_stack(preprocess.age_bin_edges(theta[:, 0]))
+            u_edges = preprocess.theta_to_u(edges)[..., 0]                                # (N, 2)
+            nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
+            half = 0.5 * (u_edges[:, 1] - u_edges[:, 0])[:, None]
+            u_nodes = np.repeat(u[:, None, :], n_nodes, axis=1)
+            u_nodes[..., 0] = 0.5 * (u_edges[:, 1] + u_edges[:, 0])[:, None] + half * nodes
+            log_pu = self._log_prob_u_numpy(u_nodes.reshape(-1, 3), np.repeat(x, n_nodes, axis=0), batch_rows)
+            with np.errstate(divide="ignore"):
+                log_bin = logsumexp(log_pu.reshape(-1, n_nodes) + np.log(half * weights), axis=1)
+                logp = log_bin + log_du[:, 1] + log_du[:, 2] + np.log(10.0 ** theta[:, 0] * np.log(10.0))
+        else:
+            logp = self._log_prob_u_numpy(u, x, batch_rows) + log_du.sum(axis=1)
         logp[~inside] = -np.inf
-        self.train(was_training)
         return logp.reshape(shape)
+
+    @torch.no_grad()
+    def _log_prob_u_numpy(self, u, x, batch_rows):
+        """log p(u | x) for numpy u (N, 3), x (N, 11), in batches of batch_rows -> numpy float64 (N,)."""
+        was_training = self.training
+        self.eval()
+        xt = self._x_tensor(x)
+        ut = torch.as_tensor(u, dtype=xt.dtype, device=self.device)
+        out = [self.log_prob_u(ut[i:i + batch_rows], xt[i:i + batch_rows]).double().cpu().numpy()
+               for i in range(0, len(ut), batch_rows)]
+        self.train(was_training)
+        return np.concatenate(out) if out else np.zeros(0)
 
 
 def save(path, model, extra=None):

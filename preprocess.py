@@ -58,6 +58,24 @@ def _check_theta(theta):
     return theta
 
 
+def age_bin(log_age):
+    """The integer age k (Myr) of the bin [k - 1/2, k + 1/2) holding the label t' = 10^log_age."""
+    import simulate
+    return np.clip(np.floor(10.0 ** np.asarray(log_age) + 0.5), 1, simulate.AGE_MAX_MYR).astype(np.int64)
+
+
+def age_bin_edges(log_age):
+    """log10 of the edges k -/+ 1/2 of the label's 1 Myr bin (the bins tile THETA_BOUNDS[0] exactly)."""
+    k = age_bin(log_age)
+    return np.log10(k - 0.5), np.log10(k + 0.5)
+
+
+def rejitter_age(log_age, rng):
+    """A fresh label t' = k + U[-1/2, 1/2] in the same bin k: the jitter is independent of x (jitter_age)."""
+    k = age_bin(log_age)
+    return np.log10(k + rng.uniform(-0.5, 0.5, size=k.shape))
+
+
 def log_mass_floor(log_age, ebv, x):
     """Lowest log10 m0 the noise model allows (module docstring), clipped to [2, 8 - FLOOR_GAP].
 
@@ -65,7 +83,7 @@ def log_mass_floor(log_age, ebv, x):
     the network inputs (log10 f*, r*, d), all broadcast against each other."""
     import simulate
     x = np.asarray(x, dtype=np.float64)
-    k = np.clip(np.floor(10.0 ** np.asarray(log_age) + 0.5), 1, simulate.AGE_MAX_MYR).astype(np.int64)
+    k = age_bin(log_age)
     e = np.clip(ebv, EBV_BOUNDS[0], EBV_BOUNDS[1])
     per_msun = simulate.model_flux(k, e, 0.0, x[..., 10])                 # F_b(t, E, d) per Msun formed
     sigma = x[..., 5:10] * 10.0 ** x[..., 0:5]                             # sigma_b = r*_b f*_b
@@ -147,12 +165,9 @@ def u_to_theta(u, x=None, scale=FLOOR_SCALE):
     return theta
 
 
-def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE):
-    """sum_i log|du_i/dtheta_i| (N,): du/dtheta = 1 / ((b - a) phi(u)), phi the standard normal density;
-    with x the log-mass term is that of the floor transform (the Jacobian is triangular: still a sum).
-
-    p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
-    """
+def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE):
+    """The diagonal of the transform's Jacobian, log du_i/dtheta_i (..., 3): du/dtheta = 1 / ((b - a) phi(u)),
+    phi the standard normal density; with x the log-mass term is that of the floor transform."""
     theta = _check_theta(theta)
     u = theta_to_u(theta)
     width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
@@ -160,7 +175,15 @@ def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE):
     if _floored(x, scale):
         floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
         terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale)
-    return np.sum(terms, axis=-1)
+    return terms
+
+
+def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE):
+    """sum_i log|du_i/dtheta_i| (N,) (the Jacobian is triangular, also with the floor: a sum of the diagonal).
+
+    p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
+    """
+    return np.sum(log_du_dtheta(theta, x, scale), axis=-1)
 
 
 def below_floor(theta, x, tol=1e-6):

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 import cinn
 import preprocess as pp
@@ -119,7 +120,8 @@ def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds()
     u = pp.theta_to_u(theta)
     with torch.no_grad():
         lpu = model.log_prob_u(torch.as_tensor(u), torch.as_tensor(x)).numpy()
-    np.testing.assert_allclose(model.log_prob(theta, x), lpu + pp.log_det_theta_to_u(theta), rtol=1e-10)
+    np.testing.assert_allclose(model.log_prob(theta, x, age_bins=False), lpu + pp.log_det_theta_to_u(theta),
+                               rtol=1e-10)
     out = theta.copy()
     out[0, 1] = 8.5
     lp = model.log_prob(out, x)
@@ -127,6 +129,50 @@ def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds()
     many = model.log_prob(np.repeat(theta[:, None], 4, 1), x)
     assert many.shape == (50, 4)
     np.testing.assert_allclose(many[:, 2], model.log_prob(theta, x))
+
+
+@pytest.mark.parametrize("floor_scale", [0.0, 0.1])
+def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale):
+    """q_bin(log t', m, E) = Q(k, m, E) t' ln 10 with Q the flow's integral over the 1 Myr bin k: checked
+    against a trapezoid rule in log t' (not u, where log_prob integrates), for the first 40 bins."""
+    model = random_model(11, floor_scale=floor_scale)
+    rng = np.random.default_rng(11)
+    x = random_x(rng, 1)
+    if floor_scale:
+        x[0, :5], x[0, 5:10], x[0, 10] = [-5.0, -5.2, -5.1, -5.0, -4.8], 0.3, 10.0
+    m, e = 5.5, 0.4
+    k = np.arange(2, 41)
+    q_bin, q_trap = [], []
+    for kk in k:
+        ell = np.linspace(np.log10(kk - 0.5), np.log10(kk + 0.5), 2001)[1:-1]   # edges belong to two bins
+        pts = np.column_stack([ell, np.full_like(ell, m), np.full_like(ell, e)])
+        flow = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0), age_bins=False))
+        q_trap.append(np.trapezoid(flow, ell) + (ell[1] - ell[0]) * (flow[0] + flow[-1]))   # end segments
+        binned = model.log_prob(pts[[0, 1000, -1]], np.repeat(x, 3, 0))
+        t = 10.0 ** pts[[0, 1000, -1], 0]
+        np.testing.assert_allclose(binned - np.log(t * np.log(10)), binned[1] - np.log(t[1] * np.log(10)),
+                                   atol=1e-9)                       # uniform in t' inside the bin
+        q_bin.append(np.exp(binned[1]) / (t[1] * np.log(10)))
+    q_bin, q_trap = np.array(q_bin), np.array(q_trap)
+    assert q_trap.max() > 0 and q_trap.max() > 3 * q_trap.min()   # the flow varies across these bins
+    np.testing.assert_allclose(q_bin, q_trap, rtol=2e-4, atol=1e-6 * q_trap.max())
+
+
+def test_age_bin_samples_redraw_the_label_inside_the_flow_samples_bin():
+    model = random_model(12, floor_scale=0.1)
+    rng = np.random.default_rng(12)
+    x = random_x(rng, 2)
+    flow = model.sample(x, 50_000, seed=4, age_bins=False)
+    binned = model.sample(x, 50_000, seed=4)
+    np.testing.assert_array_equal(binned[..., 1:], flow[..., 1:])       # mass and E(B-V) untouched
+    np.testing.assert_array_equal(pp.age_bin(binned[..., 0]), pp.age_bin(flow[..., 0]))
+    t, k = 10.0 ** binned[..., 0].astype(np.float64), pp.age_bin(binned[..., 0])
+    young = k <= 20                                                   # wide bins: the flow is not uniform in t'
+    frac = (t - k + 0.5)[young]
+    assert young.sum() > 5000
+    assert stats.kstest(frac, "uniform").pvalue > 1e-3
+    assert stats.kstest((10.0 ** flow[..., 0] - k + 0.5)[young], "uniform").pvalue < 1e-6
+    assert not np.array_equal(binned, flow)
 
 
 def test_checkpoint_round_trip_identical_samples(tmp_path):

@@ -127,7 +127,7 @@ class ExactToyPosterior:
         rng = np.random.default_rng(seed)
         return mu[:, None] + self.scale * sd[:, None] * rng.normal(size=(len(x), n, 3))
 
-    def log_prob(self, theta, x):
+    def log_prob(self, theta, x, age_bins=True):     # a Gaussian: no age bins to average over
         _, _, mu, sd = gaussian_toy_from_x(x)
         s = self.scale * sd
         return np.sum(-0.5 * ((theta - mu) / s) ** 2 - np.log(s) - 0.5 * np.log(2 * np.pi), axis=1)

@@ -277,15 +277,32 @@ def _segment_bounds(p, q, cmb):
 
 def _window_t_interval(p, q, ylo, yhi):
     """Interval [t_lo, t_hi] within [0, 1] where some mu' puts every band inside its window:
-    ylo_b <= p_b + t q_b + mu' <= yhi_b for all b  <=>  t (q_c - q_b) <= yhi_c - ylo_b + p_b - p_c for all b, c."""
-    d = q[..., None, :] - q[..., :, None]                         # [..., b, c] = q_c - q_b
-    rhs = yhi[None, :] - ylo[:, None] + p[..., :, None] - p[..., None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = rhs / d
-    t_hi = np.min(np.where(d > 0, ratio, np.inf), axis=(-2, -1))
-    t_lo = np.max(np.where(d < 0, ratio, -np.inf), axis=(-2, -1))
-    never = np.any((d == 0) & (rhs < 0), axis=(-2, -1))
-    return np.maximum(t_lo, 0.0), np.where(never, -1.0, np.minimum(t_hi, 1.0))
+    ylo_b <= p_b + t q_b + mu' <= yhi_b for all b  <=>  t (q_c - q_b) <= yhi_c - ylo_b + p_b - p_c for all b, c.
+
+    Per unordered band pair (b, c), with d = q_c - q_b and dp = p_b - p_c, the two conditions read
+    dp - (yhi_b - ylo_c) <= t d <= dp + (yhi_c - ylo_b): one interval in t (loop over the 10 pairs on
+    contiguous 1-D arrays; t_hi < t_lo where no t qualifies, t_hi = -1 where the pair can never agree)."""
+    nb = p.shape[-1]
+    P = [np.ascontiguousarray(p[..., b]) for b in range(nb)]
+    Q = [np.ascontiguousarray(q[..., b]) for b in range(nb)]
+    t_lo, t_hi = np.zeros(p.shape[:-1]), np.ones(p.shape[:-1])
+    never = np.full(p.shape[:-1], bool(np.any(yhi < ylo)))          # the b = c conditions
+    for b in range(nb):
+        for c in range(b + 1, nb):
+            d = Q[c] - Q[b]
+            dp = P[b] - P[c]
+            k1, k2 = yhi[c] - ylo[b], yhi[b] - ylo[c]               # k1 + k2 >= 0: a2 <= a1 where d > 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inv = 1.0 / d
+                a1 = (dp + k1) * inv
+                a2 = (dp - k2) * inv
+            zero = d == 0
+            if zero.any():                      # then the pair constrains mu' only: dp - k2 <= 0 <= dp + k1
+                never |= zero & ((dp + k1 < 0) | (dp - k2 > 0))
+                a1[zero], a2[zero] = np.inf, -np.inf
+            np.maximum(t_lo, np.minimum(a1, a2), out=t_lo)
+            np.minimum(t_hi, np.maximum(a1, a2), out=t_hi)
+    return t_lo, np.where(never, -1.0, t_hi)
 
 
 def _quadratic_t_interval(p, q, cmb, thr):
@@ -344,17 +361,33 @@ def _screen_segments(prep, off, cmb, win, thr, chunk=2000):
     return tuple(np.concatenate(x) for x in out)
 
 
+EBV_OVERSAMPLE = 3     # sheared cells: E(B-V) cells per profile sd = EBV_OVERSAMPLE * resolution (see _rows)
+
+
 def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
     """Split the surviving part [t_lo, t_hi] of each segment into E(B-V) cells (midpoint rule on the segment's
-    n_sub equal cells); per row: k, e, de, a (5), and the mu' window [lo, hi] where the bound reaches thr."""
+    n_sub equal cells); per row: k, e, de, a (5), the mu' window [lo, hi] where the bound reaches thr, and the
+    shear d mu' / d E(B-V) of the row's cells.
+
+    Sheared cells: a cell of a row is the parallelogram {(e_c + de', mu + shear de') : |de'| <= de/2, mu in its
+    mass cell}, along the ridge of the likelihood. In the Gaussian approximation of the main modes (weights
+    w_b = 1/scale_b^2) y_b = a_b + t q_b + mu' along a segment; the shear mu' -> mu' - c t with c = sum w q / sum w
+    (the w-weighted mean of q) keeps the weighted mean of the y_b fixed, so in (nu = mu' + c t, t) the quadratic
+    form is diagonal: precision W = sum w in nu (the mass cells of width h) and a22 = sum w (q - c)^2 in t (the
+    profile width, after the mass has adjusted). When one band is much more precise than the others the
+    likelihood is a thin tilted sheet; axis-aligned cells needed 1/sqrt(sum w q^2) steps in E(B-V) to follow
+    it, sheared ones 1/sqrt(a22). Each band's support edge moves against the cells by |q_b - c| per segment,
+    <= sqrt(a22 / w_b): at most scale_b / resolution per cell, as the axis-aligned grid guaranteed."""
     A, dA, e, de = prep["A"], prep["dA"], prep["e"], prep["de"]
     kk, jj, tl, th = seg
-    # E(B-V) resolution from the main-mode (Gaussian) curvature of the likelihood along the segment at fixed
-    # mass (the conditional width: mass and E(B-V) are strongly correlated, so the mass marginal needs it)
     wg = 1.0 / scales ** 2
     q = dA[kk, jj]
-    curv = (q * q) @ wg                                            # 1 / var(t | mu'), t in [0, 1]
-    n_sub = np.clip(np.ceil(resolution * np.sqrt(curv)), 1, max_sub).astype(np.int64)
+    qw = q @ wg
+    c_seg = qw / wg.sum()                                          # shear per unit t of the segment
+    a22 = np.maximum((q * q) @ wg - qw * c_seg, 0.0)                # 1 / var(t | nu), t in [0, 1]
+    curv = (q * q) @ wg                                            # 1 / var(t | mu'): axis-aligned cells
+    n_sub = np.ceil(resolution * np.sqrt(np.minimum(EBV_OVERSAMPLE ** 2 * a22, curv)))
+    n_sub = np.clip(n_sub, 1, max_sub).astype(np.int64)
     i0 = np.minimum(np.floor(tl * n_sub).astype(np.int64), n_sub - 1)
     i1 = np.minimum(np.ceil(th * n_sub).astype(np.int64), n_sub)
     cnt = np.maximum(i1 - i0, 1)
@@ -379,7 +412,8 @@ def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
     lo = np.maximum(lo, LOG_MASS_RANGE[0] * LN10)
     hi = np.minimum(hi, LOG_MASS_RANGE[1] * LN10)
     ok = hi > lo
-    return k[ok] + 1, ebv[ok], dee[ok], a[ok], lo[ok], hi[ok]
+    shear = -c_seg[sid] / de[j]                                    # d mu' / d E(B-V) inside a cell
+    return k[ok] + 1, ebv[ok], dee[ok], a[ok], lo[ok], hi[ok], shear[ok]
 
 
 def _lookup_tables(profiles, windows, likelihood, rstar, per_sd=32):
@@ -513,7 +547,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
     parts, n_kept, n_pruned, top, log_drop, n_eval = [], 0, 0, -np.inf, -np.inf, 0
     for s0 in range(0, len(seg[0]), seg_chunk):
-        k, ebv, dee, a, lo, hi = _rows(prep, off, scales, cmb, win, thr,
+        k, ebv, dee, a, lo, hi, shear = _rows(prep, off, scales, cmb, win, thr,
                                        tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
         if len(k) == 0:
             continue
@@ -532,7 +566,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             if not sel.any():
                 continue
             parts.append((k[rows[sel]], ebv[rows[sel]], dee[rows[sel]], mu[sel], width[sel], L[sel], logw[sel],
-                          end[sel]))
+                          end[sel], shear[rows[sel]]))
             n_kept += int(sel.sum())
             if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new top
                 parts, n_kept, log_drop = _prune(parts, top - keep, log_drop)
@@ -544,7 +578,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     if not parts:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
     parts, n_kept, log_drop = _prune(parts, top - keep, log_drop)
-    k, ebv, dee, mu, width, L, logw, end = (np.concatenate([p[c] for p in parts]) for c in range(8))
+    k, ebv, dee, mu, width, L, logw, end, shear = (np.concatenate([p[c] for p in parts]) for c in range(9))
     del parts
     log_z = np.logaddexp(_logsumexp(logw), log_drop)
     logw -= log_z
@@ -552,8 +586,9 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     prob /= prob.sum()
     mu /= LN10
     width /= LN10
+    shear /= LN10
     post = {"k": k, "ebv": ebv, "log10_mass": mu, "d_ebv": dee,
-            "d_log10_mass": width, "prob": prob, "log_like": L, "log_z": log_z,
+            "d_log10_mass": width, "mass_shear": shear, "prob": prob, "log_like": L, "log_z": log_z,
             "n_age": prep["A"].shape[0], "ebv_range": (prep["e"][0], prep["e"][-1]), "likelihood": likelihood,
             "obs": (f, r, d), "table": table}
     # cell shapes for sampling and marginals: a tent (triangle of half-width = cell width, the linear
@@ -572,29 +607,56 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
 # ----------------------------------------------------------------------------------------------------------
 # Summaries of a posterior.
 
-def _cell_cdf(c, h, w, tent, x0, x1, step):
+def _cell_cdf(c, h, w, tent, x0, x1, step, shift=None, tent_shift=None):
     """CDF on the grid x0, x0 + step, ..., of a mixture of cells with weights w centred at c: boxes of width h,
     or tents of half-width h (tent = True). The density's jumps (boxes) and slope jumps (tents) are binned to
-    the grid (quantile error <= step) and integrated."""
-    n = int(np.ceil((x1 - x0) / step)) + 3
-    x = x0 - step + step * np.arange(n + 1)
+    the grid (quantile error <= step) and integrated.
+
+    shift (optional; the mass marginal of sheared cells, see _rows): the cell's shape is moved by u * shift,
+    u distributed as the cell's E(B-V) shape (a box on [-1/2, 1/2], or a tent on [-1, 1] where tent_shift).
+    The projection is the convolution of the two shapes; it is drawn as the trapezoid box(a1) * box(a2) with
+    the same variance (exact for box * box; a tent of half-width h is box(h) * box(h), so a tent * box(g)
+    becomes box(h) * box(sqrt(h^2 + g^2)): same mean and variance, the difference is in the shape inside
+    one cell). Trapezoids are slope jumps too; boxes with a shift below one grid step stay boxes.
+    Cells that reach past [x0, x1] (sheared cells at the prior bounds, whose draws sample_posterior truncates
+    to the prior) are integrated on a grid padded beyond it, and the CDF is renormalised to [x0, x1]."""
+    n_out = int(np.ceil((x1 - x0) / step)) + 3
+    x_out = x0 - step + step * np.arange(n_out + 1)
+    ext = np.max(np.abs(shift) * np.where(tent_shift, 2.0, 1.0) + h) if shift is not None and len(h) else 0.0
+    pad = int(np.ceil(max(ext, np.max(h, initial=0.0)) / step)) + 2
+    n = n_out + 2 * pad
+    x = x_out[0] - pad * step + step * np.arange(n + 1)
     idx = lambda v: np.clip(np.round((v - x[0]) / step).astype(np.int64), 0, n)
-    b, t = ~tent, tent
+    if shift is None:
+        g2 = np.zeros_like(h)
+    else:
+        g2 = shift ** 2 * np.where(tent_shift, 2.0, 1.0)             # squared width of the box of the same var
+    b = ~tent & (g2 < step ** 2)                                     # plain boxes
+    t = ~b                                                           # trapezoids (incl. tents)
     jumps = np.bincount(idx(c[b] - h[b] / 2), w[b] / h[b], n + 1) - np.bincount(idx(c[b] + h[b] / 2), w[b] / h[b], n + 1)
-    ic, ih = idx(c[t]), np.maximum(np.round(h[t] / step).astype(np.int64), 1)    # symmetric on the grid
-    sl = w[t] / (ih * step) ** 2
-    kinks = np.bincount(np.clip(ic - ih, 0, n), sl, n + 1) - 2 * np.bincount(ic, sl, n + 1) \
-        + np.bincount(np.clip(ic + ih, 0, n), sl, n + 1)
+    a1 = h[t]
+    a2 = np.sqrt(np.where(tent[t], h[t] ** 2, 0.0) + g2[t])
+    ic = idx(c[t])
+    iq = np.round(np.abs(a1 - a2) / (2 * step)).astype(np.int64)
+    ip = np.maximum(np.round((a1 + a2) / (2 * step)).astype(np.int64), iq + 1)     # symmetric on the grid
+    sl = w[t] / (step ** 2 * (ip * ip - iq * iq))                    # slope: the trapezoid's area is w
+    kinks = np.bincount(np.clip(ic - ip, 0, n), sl, n + 1) - np.bincount(np.clip(ic - iq, 0, n), sl, n + 1) \
+        - np.bincount(np.clip(ic + iq, 0, n), sl, n + 1) + np.bincount(np.clip(ic + ip, 0, n), sl, n + 1)
     dens = np.cumsum(jumps) + np.cumsum(np.cumsum(kinks) * step)
     cdf = np.concatenate([[0.0], np.cumsum(dens[:-1] * step)])
-    return x, cdf / cdf[-1]
+    c0, c1 = np.interp([x0, x1], x, cdf)
+    return x_out, np.clip((cdf[pad:pad + n_out + 1] - c0) / (c1 - c0), 0.0, 1.0)
 
 
 def _marginals(post, step_mass=2e-4, step_ebv=1e-4):
-    """Fine-grid CDFs of the log-mass and E(B-V) marginals (stored in post; used for quantiles, CDFs, plots)."""
+    """Fine-grid CDFs of the log-mass and E(B-V) marginals (stored in post; used for quantiles, CDFs, plots).
+    The mass marginal is the projection of the sheared cells (see _rows): each cell's mass shape moves along
+    its E(B-V) shape by mass_shear * d_ebv."""
     p = post["prob"]
+    shift = post["mass_shear"] * post["d_ebv"] if "mass_shear" in post else None
     post["mass_grid"], post["mass_cdf"] = _cell_cdf(post["log10_mass"], post["d_log10_mass"], p,
-                                                    post["tent_mass"], *LOG_MASS_RANGE, step_mass)
+                                                    post["tent_mass"], *LOG_MASS_RANGE, step_mass, shift,
+                                                    post["tent_ebv"])
     post["ebv_grid"], post["ebv_cdf"] = _cell_cdf(post["ebv"], post["d_ebv"], p, post["tent_ebv"],
                                                   *post["ebv_range"], step_ebv)
 
@@ -627,11 +689,15 @@ def posterior_quantiles(post, qs=QUANTILES):
 
 def _draw_in_cells(post, i, u):
     """Points of cells i at the in-cell offsets u (n, 5) in [-1/2, 1/2): age bin jitter u0; mass and E(B-V) as a
-    box (u1, u2) or a tent (u1 - u3, u2 - u4) of half-width one cell width (see exact_posterior)."""
+    box (u1, u2) or a tent (u1 - u3, u2 - u4) of half-width one cell width (see exact_posterior); the cells are
+    sheared: the mass moves with the E(B-V) offset by mass_shear (d log10 m / d E(B-V), see _rows)."""
     jm = np.where(post["tent_mass"][i], u[:, 1] - u[:, 3], u[:, 1])
     je = np.where(post["tent_ebv"][i], u[:, 2] - u[:, 4], u[:, 2])
-    return np.stack([np.log10(post["k"][i] + u[:, 0]), post["log10_mass"][i] + jm * post["d_log10_mass"][i],
-                     post["ebv"][i] + je * post["d_ebv"][i]], axis=1)
+    de = je * post["d_ebv"][i]
+    mass = post["log10_mass"][i] + jm * post["d_log10_mass"][i]
+    if "mass_shear" in post:
+        mass = mass + post["mass_shear"][i] * de
+    return np.stack([np.log10(post["k"][i] + u[:, 0]), mass, post["ebv"][i] + de], axis=1)
 
 
 def _outside_support(post, theta):

@@ -366,8 +366,8 @@ EBV_OVERSAMPLE = 3     # sheared cells: E(B-V) cells per profile sd = EBV_OVERSA
 
 def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
     """Split the surviving part [t_lo, t_hi] of each segment into E(B-V) cells (midpoint rule on the segment's
-    n_sub equal cells); per row: k, e, de, a (5), the mu' window [lo, hi] where the bound reaches thr, and the
-    shear d mu' / d E(B-V) of the row's cells.
+    n_sub equal cells); per row: k, e, de, a (5), the mu' window [lo, hi] where the bound reaches thr, the
+    shear d mu' / d E(B-V) of the row's cells and an upper bound on their log-likelihood (max over mu').
 
     Sheared cells: a cell of a row is the parallelogram {(e_c + de', mu + shear de') : |de'| <= de/2, mu in its
     mass cell}, along the ridge of the likelihood. In the Gaussian approximation of the main modes (weights
@@ -413,7 +413,8 @@ def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
     hi = np.minimum(hi, LOG_MASS_RANGE[1] * LN10)
     ok = hi > lo
     shear = -c_seg[sid] / de[j]                                    # d mu' / d E(B-V) inside a cell
-    return k[ok] + 1, ebv[ok], dee[ok], a[ok], lo[ok], hi[ok], shear[ok]
+    lmax = np.where(good, rb, -np.inf).max(axis=1)                 # >= L of every cell of the row
+    return k[ok] + 1, ebv[ok], dee[ok], a[ok], lo[ok], hi[ok], shear[ok], lmax[ok]
 
 
 def _lookup_tables(profiles, windows, likelihood, rstar, per_sd=32):
@@ -496,9 +497,38 @@ def _prune(parts, level, log_drop):
     return out, sum(len(p[6]) for p in out), log_drop
 
 
+def _rows_to_skip(bound, allowance):
+    """The rows (boolean mask) with the smallest log bounds whose summed bound stays within exp(allowance)."""
+    if not np.isfinite(allowance):
+        return np.zeros(len(bound), bool)
+    order = np.argsort(bound)
+    cum = np.logaddexp.accumulate(bound[order])
+    n = int(np.searchsorted(cum, allowance, side="right"))
+    skip = np.zeros(len(bound), bool)
+    skip[order[:n]] = True
+    return skip
+
+
+def _drop_level(parts, log_z, log_drop, budget, bin_nats=0.05):
+    """The highest log-weight level such that the cells at or below it, with those already dropped (log_drop),
+    hold at most `budget` of the evidence exp(log_z): a histogram of the kept cells' weights in bins of bin_nats
+    below log Z, summed from the lightest bin up."""
+    n_bins = 4000
+    hist = np.zeros(n_bins + 1)
+    for p in parts:
+        dz = log_z - p[6]
+        hist += np.bincount(np.minimum((dz / bin_nats).astype(np.int64), n_bins), np.exp(-dz), n_bins + 1)
+    allowed = budget - np.exp(log_drop - log_z)
+    tail_sum = np.cumsum(hist[::-1])[::-1]                          # weight of the bins >= b
+    ok = np.nonzero(tail_sum <= allowed)[0]
+    if len(ok) == 0:
+        return -np.inf
+    return log_z - ok[0] * bin_nats                                 # drop the cells with logw <= this level
+
+
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=2.0,
                     tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000, max_cells=MAX_CELLS,
-                    max_evaluated=None):
+                    max_evaluated=None, drop=1e-6):
     """Exact posterior p(k, E(B-V), log10 m | x) of one cluster (flux (5,)) or a list for a batch ((N, 5)).
 
     Returns a dict of grid cells (midpoint quadrature, see module docstring): `k` integer age (Myr), `ebv`,
@@ -514,13 +544,17 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     instead of exhausting the machine's memory (a 24 GB run was OOM-killed before the pruning and the cap).
     max_evaluated: if given, the most cells evaluated (kept or pruned), a bound on the time (~1e7 cells/s);
     past it MemoryError too (a batch can skip the cluster instead of stalling on it for many minutes).
+    drop: the share of the posterior probability the kept cells may leave out: half for the lightest evaluated
+    cells (their weight is known: post["p_dropped"], included in log_z), half for rows skipped because their
+    bound is that small (post["p_skipped_bound"] bounds them; not in log_z). Broad posteriors have long light
+    tails in age: at 1e-6 they keep ~6x fewer cells than all within `keep` nats of the best.
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     if f.ndim == 2:
         out, t0 = [], time.time()
         for i in range(len(f)):
             out.append(exact_posterior(f[i], r[i], d[i], table, likelihood, resolution, tail, max_sub, keep,
-                                       max_cells=max_cells, max_evaluated=max_evaluated))
+                                       max_cells=max_cells, max_evaluated=max_evaluated, drop=drop))
             if progress and ((i + 1) % 50 == 0 or i + 1 == len(f)):
                 print(f"exact posterior: {i + 1}/{len(f)} clusters, {time.time() - t0:.1f} s", file=sys.stderr)
         return out
@@ -540,18 +574,32 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     win = np.array(windows).T                                      # (2, 5) y windows of the bands
     seg = _screen_segments(prep, off, cmb, win, thr)
     tabs = _lookup_tables(profiles, windows, likelihood, r)
-    # Cells are evaluated in chunks and pruned against the running best log weight `top`: a cell with
-    # logw <= top - keep can never be kept (top only grows), so memory is bounded by the kept cells (plus one
-    # chunk); the pruned cells' weights are summed into log_drop, so log Z is that of all cells with L >= thr.
+    # Cells are evaluated in chunks and pruned against the running best log weight `top` and the running
+    # evidence z_run (the summed weight of the cells evaluated so far, a lower bound on Z): a cell with
+    # logw <= top - keep, or below z_run + log(drop / 2) - log(1e9), can never be kept, so memory is bounded by
+    # the kept cells (plus one chunk); the pruned cells' weights are summed into log_drop, so log Z is that of
+    # all cells with L >= thr. Rows with the smallest upper bounds (width x prior x bound on L), summing to
+    # at most drop/2 x z_run x (the chunk's share of the rows, estimated generously as 1 / (2 x chunks)), are
+    # not evaluated at all; their bounds are summed into log_skip, reported as post["p_skipped_bound"] (an
+    # upper bound on the probability they hold; z_run only grows, so this stays within drop/2 of Z).
     lpa = prep["log_prior_age"]
     const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
     parts, n_kept, n_pruned, top, log_drop, n_eval = [], 0, 0, -np.inf, -np.inf, 0
-    for s0 in range(0, len(seg[0]), seg_chunk):
-        k, ebv, dee, a, lo, hi, shear = _rows(prep, off, scales, cmb, win, thr,
-                                       tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
+    z_run, log_skip, n_seg = -np.inf, -np.inf, len(seg[0])
+    log_half = np.log(drop / 2.0)
+    for s0 in range(0, n_seg, seg_chunk):
+        k, ebv, dee, a, lo, hi, shear, lmax = _rows(prep, off, scales, cmb, win, thr,
+                                                    tuple(x[s0:s0 + seg_chunk] for x in seg), resolution, max_sub)
         if len(k) == 0:
             continue
         row_logw = lpa[k - 1] + np.log(dee) + const
+        skip = _rows_to_skip(row_logw + np.log(hi - lo) + lmax,
+                             z_run + log_half + np.log(len(k) / (2.0 * n_seg * len(k) / min(seg_chunk, n_seg - s0))))
+        if skip.any():
+            log_skip = np.logaddexp(log_skip, _logsumexp((row_logw + np.log(hi - lo) + lmax)[skip]))
+            k, ebv, dee, a, lo, hi, shear, row_logw = (x[~skip] for x in (k, ebv, dee, a, lo, hi, shear, row_logw))
+            if len(k) == 0:
+                continue
         for rows, mu, width, L, logw, end in _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr):
             n_eval += len(L)
             if max_evaluated is not None and n_eval > max_evaluated:
@@ -560,7 +608,9 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             if len(L) == 0:
                 continue
             top = max(top, logw.max())
-            sel = logw > top - keep
+            z_run = np.logaddexp(z_run, _logsumexp(logw))
+            level = max(top - keep, z_run + log_half - np.log(1e9))
+            sel = logw > level
             if not sel.all():
                 log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
             if not sel.any():
@@ -568,8 +618,8 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             parts.append((k[rows[sel]], ebv[rows[sel]], dee[rows[sel]], mu[sel], width[sel], L[sel], logw[sel],
                           end[sel], shear[rows[sel]]))
             n_kept += int(sel.sum())
-            if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new top
-                parts, n_kept, log_drop = _prune(parts, top - keep, log_drop)
+            if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new level
+                parts, n_kept, log_drop = _prune(parts, level, log_drop)
                 n_pruned = n_kept
                 if n_kept > max_cells:
                     raise MemoryError(f"exact_posterior: this posterior keeps more than max_cells = "
@@ -577,20 +627,22 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
                                       f"`resolution` (now {resolution}) or a larger max_cells if the memory is there")
     if not parts:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
-    parts, n_kept, log_drop = _prune(parts, top - keep, log_drop)
+    log_z = z_run
+    parts, n_kept, log_drop = _prune(parts, _drop_level(parts, log_z, log_drop, drop / 2.0), log_drop)
     k, ebv, dee, mu, width, L, logw, end, shear = (np.concatenate([p[c] for p in parts]) for c in range(9))
     del parts
-    log_z = np.logaddexp(_logsumexp(logw), log_drop)
     logw -= log_z
     prob = np.exp(logw, out=logw)
-    prob /= prob.sum()
+    p_kept = prob.sum()
+    prob /= p_kept
     mu /= LN10
     width /= LN10
     shear /= LN10
     post = {"k": k, "ebv": ebv, "log10_mass": mu, "d_ebv": dee,
             "d_log10_mass": width, "mass_shear": shear, "prob": prob, "log_like": L, "log_z": log_z,
             "n_age": prep["A"].shape[0], "ebv_range": (prep["e"][0], prep["e"][-1]), "likelihood": likelihood,
-            "obs": (f, r, d), "table": table}
+            "obs": (f, r, d), "table": table, "p_dropped": float(np.exp(log_drop - log_z)),
+            "p_skipped_bound": float(np.exp(log_skip - log_z))}
     # cell shapes for sampling and marginals: a tent (triangle of half-width = cell width, the linear
     # interpolant of the midpoint values) inside, a box at the ends of a mass row (support edge, window end)
     # and at the ends of the E(B-V) range

@@ -832,81 +832,153 @@ def log_density(theta, flux_mjy, rel_err, distance_mpc, posts=None, table=None, 
 # ----------------------------------------------------------------------------------------------------------
 # CIGALE-style maximum likelihood (minimum chi^2 with Gaussian errors, mass solved analytically).
 
-def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=128, chunk=3000, ranges=True, progress=False):
+MLE_KEYS = ("age_myr", "ebv", "log10_mass", "chi2", "age_myr_lo", "age_myr_hi", "ebv_lo", "ebv_hi", "log10_mass_lo",
+            "log10_mass_hi")
+
+
+def _mle_prep(prep):
+    """Tables for the MLE (once per model table): blocks of cells
+    (age blocks of ~2 % in age, at least 4 ages; 8 E(B-V) nodes) with, per band, the range of the cells'
+    colours ln F_b - mean_b' ln F_b', a block-centre cell, and F, F^2 in block order (see mle)."""
+    if "mle_blocks" in prep:
+        return
+    A = prep["A"]
+    n_age, n_e = A.shape[:2]
+    F = np.exp(A).reshape(-1, 5)
+    starts = [0]
+    while starts[-1] < n_age:
+        starts.append(starts[-1] + max(4, int(0.02 * (starts[-1] + 1))))
+    a_edge = np.minimum(np.array(starts), n_age)
+    e_edge = np.append(np.arange(0, n_e, 8), n_e)
+    colour = A - A.mean(axis=2, keepdims=True)
+    lo = np.minimum.reduceat(np.minimum.reduceat(colour, a_edge[:-1], axis=0), e_edge[:-1], axis=1)
+    hi = np.maximum.reduceat(np.maximum.reduceat(colour, a_edge[:-1], axis=0), e_edge[:-1], axis=1)
+    ca = (a_edge[:-1] + a_edge[1:]) // 2
+    ce = (e_edge[:-1] + e_edge[1:]) // 2
+    centre = (ca[:, None] * n_e + ce[None, :]).ravel()
+    cells = [(np.arange(a0, a1)[:, None] * n_e + np.arange(e0, e1)[None, :]).ravel()
+             for a0, a1 in zip(a_edge[:-1], a_edge[1:]) for e0, e1 in zip(e_edge[:-1], e_edge[1:])]
+    start = np.concatenate([[0], np.cumsum([len(c) for c in cells])])
+    cells = np.concatenate(cells)
+    prep["mle_blocks"] = {"lo": lo.reshape(-1, 5), "hi": hi.reshape(-1, 5), "Fc": F[centre],
+                          "F2c": F[centre] ** 2, "start": start, "cells": cells, "F": F[cells], "F2": F[cells] ** 2}
+
+
+def mle(flux_mjy, rel_err, distance_mpc, table=None, batch=512, ranges=True, progress=False):
     """Minimum chi^2 over the (age, E(B-V) node) grid, chi^2 = sum_b (f*_b - m F_b)^2 / sigma_b^2 with
     sigma = rel_err * flux and the mass m solved by weighted least squares for each grid point (CIGALE-style;
     real data: rel_err already holds the 5 % systematic of Eq. 10).
 
     chi^2(cell) = S0 - u^2 / v, u = sum_b F_b f*_b / sigma_b^2, v = sum_b F_b^2 / sigma_b^2, m = u / v.
-    Pass 1 (float32 matrix products, batches of clusters): best u^2/v per age. Pass 2 (float64): every cell of
-    the ages within Delta chi^2 <= 1 (+ float32 margin) of the best: exact minimum and the 1-sigma ranges.
+    Block screen (exact): C = the chi^2 of the best block-centre cell (an upper bound on the minimum), plus 1
+    with the ranges. A cell with chi^2 <= C has every band within |1 - m F_b / f*_b| <= r_b sqrt(C), i.e. its
+    colours ln F_b - ln F_c lie in windows set by the observed ones; a block of cells whose colour ranges
+    (tabulated per block) cannot meet all windows for any mass holds no such cell and is skipped. The other
+    blocks are evaluated in float64, block by block for all clusters that pass it (matrix products): the exact
+    minimum, then, with the ranges, the blocks whose minimum is within Delta chi^2 <= 1 of it again for the
+    1-sigma ranges. Typically ~5 % of the cells are evaluated (all of them for poorly constrained clusters).
 
     Returns dict of (N,) arrays: age_myr, ebv, log10_mass, chi2, and Delta chi^2 <= 1 profile ranges over the
     grid age_myr_lo/_hi, ebv_lo/_hi, log10_mass_lo/_hi (the mass range includes its least-squares error);
-    ranges=False skips the ranges (NaN), which makes pass 2 tiny (poorly constrained clusters have thousands of
-    ages within Delta chi^2 <= 1).
+    ranges=False skips the ranges (NaN).
     """
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     f, r, d = np.atleast_2d(f), np.atleast_2d(r), np.atleast_1d(d)
     prep = _table(table)
-    if "F" not in prep:
-        prep["F"] = np.exp(prep["A"]).reshape(-1, 5)
-        prep["F2"] = prep["F"] ** 2
-        prep["F32"], prep["F2_32"] = prep["F"].astype(np.float32), prep["F2"].astype(np.float32)
-        prep["F3"], prep["F2_3"] = prep["F"].reshape(prep["A"].shape), prep["F2"].reshape(prep["A"].shape)
-    F, F2, e = prep["F"], prep["F2"], prep["e"]
-    n_age, n_e = prep["A"].shape[:2]
+    _mle_prep(prep)
+    blk, e = prep["mle_blocks"], prep["e"]
+    n_e = prep["A"].shape[1]
     N = len(f)
-    sig = r * f
-    w1_all, w2_all = f / sig ** 2, 1.0 / sig ** 2
-    s0 = np.sum((f / sig) ** 2, axis=1)
-    scale = (1e-5 / d) ** 2                                          # flux at distance = m F scale
-    out = {key: np.full(N, np.nan) for key in ("age_myr", "ebv", "log10_mass", "chi2", "age_myr_lo", "age_myr_hi",
-                                        "ebv_lo", "ebv_hi", "log10_mass_lo", "log10_mass_hi")}
+    out = {key: np.full(N, np.nan) for key in MLE_KEYS}
     t0 = time.time()
     for b0 in range(0, N, batch):
         sl = slice(b0, min(b0 + batch, N))
-        n = sl.stop - sl.start
-        c1 = 1.0 / np.max(w1_all[sl], axis=1)                       # keep float32 in range
-        w1 = (w1_all[sl] * c1[:, None]).T.astype(np.float32)          # (5, n)
-        w2 = (w2_all[sl] * (c1 ** 2)[:, None]).T.astype(np.float32)
-        age_best = np.empty((n_age, n), np.float32)                  # max over E of u^2/v per age (scaled)
-        step = max(chunk // n_e, 1)
-        for k0 in range(0, n_age, step):
-            k1 = min(k0 + step, n_age)
-            rs = slice(k0 * n_e, k1 * n_e)
-            u = prep["F32"][rs] @ w1
-            u *= u
-            u /= prep["F2_32"][rs] @ w2
-            age_best[k0:k1] = u.reshape(k1 - k0, n_e, n).max(axis=1)
-        score = age_best.astype(np.float64)                          # u^2/v is invariant to the scaling
-        smax = score.max(axis=0)
-        margin = 1.0 + 2e-6 * s0[sl]                                  # float32 rounding of S0-sized sums
-        for c in range(n):
-            g = b0 + c
-            ages = np.nonzero(score[:, c] >= smax[c] - margin[c] + (0.0 if ranges else 1.0))[0]
-            rows = (ages[:, None] * n_e + np.arange(n_e)).ravel()
-            u = (prep["F3"][ages] @ w1_all[g]).ravel()                # contiguous (n_e, 5) blocks per age
-            v = (prep["F2_3"][ages] @ w2_all[g]).ravel()
-            chi = np.sum((f[g] / sig[g]) ** 2) - u * u / v
-            ibest = np.argmin(chi)
-            m = u / v
-            ok = chi <= chi[ibest] + (1.0 if ranges else np.nan)
-            half = np.sqrt(np.maximum(chi[ibest] + 1.0 - chi[ok], 0.0) / v[ok])
-            age_i, e_i = np.divmod(rows, n_e)
-            out["age_myr"][g] = age_i[ibest] + 1
-            out["ebv"][g] = e[e_i[ibest]]
-            out["log10_mass"][g] = np.log10(m[ibest] / scale[g])
-            out["chi2"][g] = max(chi[ibest], 0.0)
-            if not ranges:
-                continue
-            out["age_myr_lo"][g], out["age_myr_hi"][g] = age_i[ok].min() + 1, age_i[ok].max() + 1
-            out["ebv_lo"][g], out["ebv_hi"][g] = e[e_i[ok].min()], e[e_i[ok].max()]
-            out["log10_mass_lo"][g] = np.log10(np.maximum(m[ok] - half, 1e-300).min() / scale[g])
-            out["log10_mass_hi"][g] = np.log10((m[ok] + half).max() / scale[g])
+        passing = _mle_screen(blk, f[sl], r[sl], ranges)         # the best centre cell's block always passes
+        _mle_blocks(blk, f[sl], r[sl], d[sl], passing, e, n_e, ranges, {k: v[sl] for k, v in out.items()})
         if progress:
             print(f"mle: {sl.stop}/{N} clusters, {time.time() - t0:.1f} s", file=sys.stderr)
     return out
+
+
+def _mle_screen(blk, f, r, ranges):
+    """(n clusters, n blocks) True where the block may hold a cell with chi^2 <= C (see mle)."""
+    sig = r * f
+    w1, w2 = f / sig ** 2, 1.0 / sig ** 2
+    s0 = np.sum((f / sig) ** 2, axis=1)
+    u = blk["Fc"] @ w1.T                                           # (blocks, n): the block-centre cells
+    v = blk["F2c"] @ w2.T
+    c_best = np.maximum(s0 - np.max(u * u / v, axis=0), 0.0)
+    c_lim = c_best * (1.0 + 1e-9) + 1e-9 * s0 + (1.0 if ranges else 0.0)   # float64 rounding of S0-sized sums
+    rho = r * np.sqrt(c_lim)[:, None]                             # |1 - m F_b / f*_b| <= rho_b
+    with np.errstate(divide="ignore"):
+        wlo = np.where(rho < 1.0, np.log(np.maximum(1.0 - rho, 0.0)), -np.inf)
+    lnf = np.log(f)
+    lo_mu = np.full((len(f), len(blk["lo"])), -np.inf)
+    hi_mu = np.full_like(lo_mu, np.inf)
+    for band in range(5):                                         # window of mu' = ln m + mean ln F per block
+        np.maximum(lo_mu, (wlo[:, band] + lnf[:, band])[:, None] - blk["hi"][:, band][None, :], out=lo_mu)
+        np.minimum(hi_mu, (np.log1p(rho[:, band]) + lnf[:, band])[:, None] - blk["lo"][:, band][None, :],
+                   out=hi_mu)
+    return lo_mu <= hi_mu
+
+
+def _mle_blocks(blk, f, r, d, passing, e, n_e, ranges, out):
+    """Exact minimum (and ranges) over the passing blocks, block by block for all clusters passing it; writes
+    into the (views of the) output arrays of these clusters."""
+    n = len(f)
+    sig = r * f
+    w1, w2 = f / sig ** 2, 1.0 / sig ** 2
+    s0 = np.sum((f / sig) ** 2, axis=1)
+    best, cell, mass = np.full(n, np.inf), np.zeros(n, np.int64), np.full(n, np.nan)
+    bmin = np.full(passing.shape, np.inf)                          # per cluster and block: its minimum
+    st = blk["start"]
+
+    def block_chi(j, sel):
+        Fb, F2b = blk["F"][st[j]:st[j + 1]], blk["F2"][st[j]:st[j + 1]]
+        u = Fb @ w1[sel].T
+        v = F2b @ w2[sel].T
+        return s0[sel] - u * u / v, u, v
+
+    for j in np.nonzero(passing.any(axis=0))[0]:
+        sel = np.nonzero(passing[:, j])[0]
+        chi, u, v = block_chi(j, sel)
+        i = np.argmin(chi, axis=0)
+        cmin = chi[i, np.arange(len(sel))]
+        bmin[sel, j] = cmin
+        better = cmin < best[sel]
+        g = sel[better]
+        best[g], cell[g] = cmin[better], blk["cells"][st[j] + i[better]]
+        mass[g] = (u / v)[i[better], np.nonzero(better)[0]]
+    ok_c = np.isfinite(best)
+    scale = (1e-5 / d) ** 2
+    age_i, e_i = np.divmod(cell, n_e)
+    out["age_myr"][ok_c] = age_i[ok_c] + 1
+    out["ebv"][ok_c] = e[e_i[ok_c]]
+    out["log10_mass"][ok_c] = np.log10(mass[ok_c] / scale[ok_c])
+    out["chi2"][ok_c] = np.maximum(best[ok_c], 0.0)
+    if not ranges:
+        return
+    big = np.iinfo(np.int64).max
+    acc = {"alo": np.full(n, big), "ahi": np.full(n, -1), "elo": np.full(n, big), "ehi": np.full(n, -1),
+           "mlo": np.full(n, np.inf), "mhi": np.full(n, -np.inf)}
+    near = bmin <= (best + 1.0)[:, None]
+    for j in np.nonzero(near.any(axis=0))[0]:
+        sel = np.nonzero(near[:, j])[0]
+        chi, u, v = block_chi(j, sel)
+        ok = chi <= best[sel] + 1.0
+        m = u / v
+        half = np.sqrt(np.maximum(best[sel] + 1.0 - chi, 0.0) / v)
+        a_c, e_c = np.divmod(blk["cells"][st[j]:st[j + 1]], n_e)
+        for key, vals, red, fill in (("alo", a_c, np.min, big), ("ahi", a_c, np.max, -1),
+                                     ("elo", e_c, np.min, big), ("ehi", e_c, np.max, -1)):
+            got = red(np.where(ok, vals[:, None], fill), axis=0)
+            acc[key][sel] = np.minimum(acc[key][sel], got) if red is np.min else np.maximum(acc[key][sel], got)
+        acc["mlo"][sel] = np.minimum(acc["mlo"][sel], np.min(np.where(ok, np.maximum(m - half, 1e-300), np.inf), 0))
+        acc["mhi"][sel] = np.maximum(acc["mhi"][sel], np.max(np.where(ok, m + half, -np.inf), 0))
+    out["age_myr_lo"][ok_c], out["age_myr_hi"][ok_c] = acc["alo"][ok_c] + 1, acc["ahi"][ok_c] + 1
+    out["ebv_lo"][ok_c], out["ebv_hi"][ok_c] = e[acc["elo"][ok_c]], e[acc["ehi"][ok_c]]
+    out["log10_mass_lo"][ok_c] = np.log10(acc["mlo"][ok_c] / scale[ok_c])
+    out["log10_mass_hi"][ok_c] = np.log10(acc["mhi"][ok_c] / scale[ok_c])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def bench_speed(n, seed):
         c0 = time.process_time()
         gp.mle(fs, rs, d, ranges=ranges)
         dt = (time.process_time() - c0) / nm
-        print(f"MLE (min chi^2 over 13750 ages x 151 E(B-V), mass analytic), batches of 128, "
+        print(f"MLE (min chi^2 over 13750 ages x 151 E(B-V), mass analytic), batches of 512, "
               f"{'with' if ranges else 'without'} the 1-sigma ranges: {dt * 1e3:.1f} ms CPU per cluster")
     # noiseless photometry on grid nodes: exact recovery
     e_nodes = simulate.load_table()["ebv_nodes"]

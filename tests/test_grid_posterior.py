@@ -257,7 +257,7 @@ def test_mle_matches_brute_force_least_squares(table):
     """Batched analytic-mass chi^2 minimum == per-cell scipy weighted least squares (independent code)."""
     rng = np.random.default_rng(6)
     theta, fs, rs, d, k = simulate_obs(table, 6, rng)
-    m = gp.mle(fs, rs, d, table=table, batch=4, chunk=7 * 31)
+    m = gp.mle(fs, rs, d, table=table, batch=4)
     F = np.exp(table["ln_flux"]) * (1e-5 / d[:, None, None, None]) ** 2       # (N, age, e, 5)
     for i in range(6):
         sig = rs[i] * fs[i]

@@ -483,18 +483,18 @@ def _logsumexp(x):
 
 
 def _prune(parts, level, log_drop):
-    """Drop the cells with log weight <= level from the kept parts (tuples whose item 6 is logw); their
+    """Drop the cells with log weight <= level from the kept parts (tuples whose item 4 is logw); their
     probability goes into log_drop (log of the summed weights), so the evidence stays exact."""
     out = []
     for p in parts:
-        if p[6].min() > level:
+        if p[4].min() > level:
             out.append(p)
             continue
-        sel = p[6] > level
-        log_drop = np.logaddexp(log_drop, _logsumexp(p[6][~sel]))
+        sel = p[4] > level
+        log_drop = np.logaddexp(log_drop, _logsumexp(p[4][~sel]))
         if sel.any():
             out.append(tuple(x[sel] for x in p))
-    return out, sum(len(p[6]) for p in out), log_drop
+    return out, sum(len(p[4]) for p in out), log_drop
 
 
 def _rows_to_skip(bound, allowance):
@@ -516,7 +516,7 @@ def _drop_level(parts, log_z, log_drop, budget, bin_nats=0.05):
     n_bins = 4000
     hist = np.zeros(n_bins + 1)
     for p in parts:
-        dz = log_z - p[6]
+        dz = log_z - p[4]
         hist += np.bincount(np.minimum((dz / bin_nats).astype(np.int64), n_bins), np.exp(-dz), n_bins + 1)
     allowed = budget - np.exp(log_drop - log_z)
     tail_sum = np.cumsum(hist[::-1])[::-1]                          # weight of the bins >= b
@@ -586,6 +586,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
     parts, n_kept, n_pruned, top, log_drop, n_eval = [], 0, 0, -np.inf, -np.inf, 0
     z_run, log_skip, n_seg = -np.inf, -np.inf, len(seg[0])
+    row_data, n_rows = [], 0                  # per row: k, E(B-V), its width, shear; cells store the row index
     log_half = np.log(drop / 2.0)
     for s0 in range(0, n_seg, seg_chunk):
         k, ebv, dee, a, lo, hi, shear, lmax = _rows(prep, off, scales, cmb, win, thr,
@@ -600,6 +601,8 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             k, ebv, dee, a, lo, hi, shear, row_logw = (x[~skip] for x in (k, ebv, dee, a, lo, hi, shear, row_logw))
             if len(k) == 0:
                 continue
+        row_data.append((k, ebv, dee, shear))
+        n_rows += len(k)
         for rows, mu, width, L, logw, end in _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr):
             n_eval += len(L)
             if max_evaluated is not None and n_eval > max_evaluated:
@@ -615,8 +618,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
                 log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
             if not sel.any():
                 continue
-            parts.append((k[rows[sel]], ebv[rows[sel]], dee[rows[sel]], mu[sel], width[sel], L[sel], logw[sel],
-                          end[sel], shear[rows[sel]]))
+            parts.append((rows[sel] + (n_rows - len(k)), mu[sel], width[sel], L[sel], logw[sel], end[sel]))
             n_kept += int(sel.sum())
             if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new level
                 parts, n_kept, log_drop = _prune(parts, level, log_drop)
@@ -629,8 +631,9 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
     log_z = z_run
     parts, n_kept, log_drop = _prune(parts, _drop_level(parts, log_z, log_drop, drop / 2.0), log_drop)
-    k, ebv, dee, mu, width, L, logw, end, shear = (np.concatenate([p[c] for p in parts]) for c in range(9))
+    row, mu, width, L, logw, end = (np.concatenate([p[c] for p in parts]) for c in range(6))
     del parts
+    k, ebv, dee, shear = (np.concatenate([rd[c] for rd in row_data])[row] for c in range(4))
     logw -= log_z
     prob = np.exp(logw, out=logw)
     p_kept = prob.sum()
@@ -659,7 +662,7 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
 # ----------------------------------------------------------------------------------------------------------
 # Summaries of a posterior.
 
-def _cell_cdf(c, h, w, tent, x0, x1, step, shift=None, tent_shift=None):
+def _cell_cdf(c, h, w, tent, x0, x1, step, shift=None, tent_shift=None, chunk=1 << 16):
     """CDF on the grid x0, x0 + step, ..., of a mixture of cells with weights w centred at c: boxes of width h,
     or tents of half-width h (tent = True). The density's jumps (boxes) and slope jumps (tents) are binned to
     the grid (quantile error <= step) and integrated.
@@ -678,26 +681,37 @@ def _cell_cdf(c, h, w, tent, x0, x1, step, shift=None, tent_shift=None):
     pad = int(np.ceil(max(ext, np.max(h, initial=0.0)) / step)) + 2
     n = n_out + 2 * pad
     x = x_out[0] - pad * step + step * np.arange(n + 1)
-    idx = lambda v: np.clip(np.round((v - x[0]) / step).astype(np.int64), 0, n)
-    if shift is None:
-        g2 = np.zeros_like(h)
-    else:
-        g2 = shift ** 2 * np.where(tent_shift, 2.0, 1.0)             # squared width of the box of the same var
-    b = ~tent & (g2 < step ** 2)                                     # plain boxes
-    t = ~b                                                           # trapezoids (incl. tents)
-    jumps = np.bincount(idx(c[b] - h[b] / 2), w[b] / h[b], n + 1) - np.bincount(idx(c[b] + h[b] / 2), w[b] / h[b], n + 1)
-    a1 = h[t]
-    a2 = np.sqrt(np.where(tent[t], h[t] ** 2, 0.0) + g2[t])
-    ic = idx(c[t])
-    iq = np.round(np.abs(a1 - a2) / (2 * step)).astype(np.int64)
-    ip = np.maximum(np.round((a1 + a2) / (2 * step)).astype(np.int64), iq + 1)     # symmetric on the grid
-    sl = w[t] / (step ** 2 * (ip * ip - iq * iq))                    # slope: the trapezoid's area is w
-    kinks = np.bincount(np.clip(ic - ip, 0, n), sl, n + 1) - np.bincount(np.clip(ic - iq, 0, n), sl, n + 1) \
-        - np.bincount(np.clip(ic + iq, 0, n), sl, n + 1) + np.bincount(np.clip(ic + ip, 0, n), sl, n + 1)
+    jumps, kinks = np.zeros(n + 1), np.zeros(n + 1)
+    for s0 in range(0, len(c), chunk):                              # chunks: the temporaries stay in cache
+        sl = slice(s0, s0 + chunk)
+        _cell_terms(c[sl], h[sl], w[sl], tent[sl], None if shift is None else shift[sl],
+                    None if shift is None else tent_shift[sl], x[0], step, jumps, kinks)
     dens = np.cumsum(jumps) + np.cumsum(np.cumsum(kinks) * step)
     cdf = np.concatenate([[0.0], np.cumsum(dens[:-1] * step)])
     c0, c1 = np.interp([x0, x1], x, cdf)
     return x_out, np.clip((cdf[pad:pad + n_out + 1] - c0) / (c1 - c0), 0.0, 1.0)
+
+
+def _cell_terms(c, h, w, tent, shift, tent_shift, xstart, step, jumps, kinks):
+    """Add the cells' density jumps (boxes) and slope jumps (trapezoids) to the grid arrays (see _cell_cdf)."""
+    n = len(jumps) - 1
+    idx = lambda v: np.clip(np.rint((v - xstart) / step).astype(np.int64), 0, n)
+    g2 = np.zeros_like(h) if shift is None else shift * shift * np.where(tent_shift, 2.0, 1.0)
+    b = ~tent & (g2 < step ** 2)                                     # plain boxes
+    if b.any():
+        jumps += np.bincount(idx(c[b] - h[b] / 2), w[b] / h[b], n + 1)
+        jumps -= np.bincount(idx(c[b] + h[b] / 2), w[b] / h[b], n + 1)
+        t = ~b                                                       # trapezoids (incl. tents)
+        c, h, w, tent, g2 = c[t], h[t], w[t], tent[t], g2[t]
+    a2 = np.sqrt(np.where(tent, h * h, 0.0) + g2)                     # box(h) * box(a2)
+    ic = idx(c)
+    iq = np.rint(np.abs(h - a2) / (2 * step)).astype(np.int64)
+    ip = np.maximum(np.rint((h + a2) / (2 * step)).astype(np.int64), iq + 1)     # symmetric on the grid
+    sl = w / (step ** 2 * (ip * ip - iq * iq))                        # slope: the trapezoid's area is w
+    kinks += np.bincount(np.concatenate([np.clip(ic - ip, 0, n), np.clip(ic + ip, 0, n)]),
+                         np.concatenate([sl, sl]), n + 1)
+    kinks -= np.bincount(np.concatenate([np.clip(ic - iq, 0, n), np.clip(ic + iq, 0, n)]),
+                         np.concatenate([sl, sl]), n + 1)
 
 
 def _marginals(post, step_mass=2e-4, step_ebv=1e-4):

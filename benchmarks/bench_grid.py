@@ -201,7 +201,8 @@ def main(argv=None):
                     help="time one cluster of the --n clusters of --seed (CPU time, peak memory) and exit")
     ap.add_argument("--broad", default=None, help="saved SBC .npz: time its --top broadest clusters, one process each")
     ap.add_argument("--top", type=int, default=5)
-    ap.add_argument("--resolution", type=float, default=2.0, help="with --cluster/--broad")
+    ap.add_argument("--resolution", type=float, default=2.0,
+                    help="with --cluster/--broad/--sbc (the SBC retries a cluster over the cap at 1)")
     args = ap.parse_args(argv)
     if args.cluster is not None:
         one_cluster(args.n, args.seed, args.cluster, args.resolution)
@@ -222,7 +223,8 @@ def main(argv=None):
                     resolution=np.concatenate([z["resolution"] for z in zs]))
         return
     if args.sbc:
-        sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start)
+        sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start,
+            resolutions=(args.resolution, 1.0) if args.resolution != 1.0 else (1.0,))
         return
     bench_speed(args.n, args.seed)
     bench_convergence(max(args.n // 4, 3), args.seed)

@@ -22,19 +22,26 @@ With 500 clusters only the last is rejected clearly by SBC; the others shift the
 Quadrature (vectorised, pruned with a rigorous bound):
   * age: every integer Myr of the table (no interpolation, the table is the model);
   * E(B-V): each table segment [e_j, e_j+1] (ln F linear in between, as simulate.model_flux) is cut into n_sub
-    equal cells, midpoint rule, n_sub from the likelihood's width along E(B-V) at fixed mass (`resolution` cells
-    per sd);
+    equal cells, midpoint rule;
   * ln m: per (age, E(B-V)) row a midpoint grid between the lower support edge (all bands sigma <= f/2) and the
     upper end of the likelihood window, spacing = narrowest combined feature / `resolution`; the first cell is
     split in EDGE_SPLIT (the likelihood can jump there and fall steeply);
+  * the cells are sheared along the likelihood's ridge (_rows): a cell is a parallelogram whose mass moves
+    with E(B-V) as the best-fitting mass does (d ln m / dE = weighted mean reddening slope of the bands). With
+    one precise band the likelihood is a thin tilted sheet in (ln m, E(B-V)); axis-aligned cells had to be as
+    narrow in E(B-V) as the sheet, sheared cells only resolve the width left once the mass has adjusted
+    (EBV_OVERSAMPLE x `resolution` cells per sd of it, never coarser than the axis-aligned grid);
   * per band l(y) is read from a table (linear interpolation, step s/32: error ~1e-4 nats).
   Pruning: per band, l(y) is bounded above, per mode (main peak, support-edge mode), by a concave quadratic
   wherever it can matter; every combination of modes gives a closed-form bound on the likelihood of a whole
   E(B-V) segment (max over mass and E(B-V) within it), plus a window test (all bands inside their windows).
-  Segments, rows and cells more than `tail` nats below the best likelihood found are skipped.
+  Segments, rows and cells more than `tail` nats below the best likelihood found are skipped; of the rest,
+  the lightest cells holding at most `drop` (1e-6) of the posterior are left out of the result (their weight
+  stays in log Z; rows whose bound is that light are not evaluated).
   Sampling and marginals represent each cell by a tent (the linear interpolant of the midpoint values) or, at
-  row ends and the E(B-V) range ends, by a box; draws are truncated to the likelihood's support (the
-  support edge sigma = f/2 moves in mass with E(B-V), so an edge cell's jitter can cross it).
+  row ends and the E(B-V) range ends, by a box, sheared as above; draws are truncated to the likelihood's
+  support and the prior (the support edge sigma = f/2 moves in mass with E(B-V), so a cell's jitter can cross
+  it). The mass marginal is the projection of the sheared cells (trapezoids of the same variance, _cell_cdf).
 Accuracy (tests, bench_grid.py): quantiles converged to < 4e-3 dex / mag (resolution 1 -> 2), log Z to ~1e-2
 (least accurate where the support edge binds), marginal CDFs within 0.01 of an independent dense grid.
 
@@ -532,10 +539,12 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     """Exact posterior p(k, E(B-V), log10 m | x) of one cluster (flux (5,)) or a list for a batch ((N, 5)).
 
     Returns a dict of grid cells (midpoint quadrature, see module docstring): `k` integer age (Myr), `ebv`,
-    `log10_mass` cell centres, `d_ebv`, `d_log10_mass` cell widths, `prob` normalised cell probabilities (sum 1),
+    `log10_mass` cell centres, `d_ebv`, `d_log10_mass` cell widths, `mass_shear` d log10 m / d E(B-V) inside a
+    cell (sheared cells, see _rows), `prob` normalised cell probabilities (sum 1),
     `log_like` per cell; `log_z` the log evidence (prior-weighted, theta-independent constants dropped);
     `age_pmf` (n_age,) marginal P(k | x); `map` (3,) the maximum of the density in the physical coordinates
-    (log10 t', log10 m, E(B-V)); `quantiles` (3, 3) 16/50/84 % of the 1-D marginals (rows: parameters).
+    (log10 t', log10 m, E(B-V)); `quantiles` (3, 3) 16/50/84 % of the 1-D marginals (rows: parameters);
+    `p_dropped`, `p_skipped_bound`: the probability left out of the cells (see `drop`).
     resolution: cells per likelihood sd (default 2: at 1 the tent-smoothed draws are ~17 % too wide along the
     narrow directions, which the SBC HPD-rank test detects; quantiles change < 4e-3 from 1 to 2); tail: pruning
     depth in nats; keep: cells more than `keep` nats below the best are dropped (while evaluating, against

@@ -293,6 +293,53 @@ def test_mle_noiseless_real_table_exact():
     assert np.all(m["chi2"] < 1e-6)
 
 
+def test_mle_block_screen_equals_dense_evaluation():
+    """The block screen skips only blocks that cannot hold the minimum or a cell within Delta chi^2 <= 1:
+    on noisy prior clusters of the real table every output equals a dense float64 evaluation of all cells."""
+    import simulate
+    rng = np.random.default_rng(9)
+    n = 12
+    pr = simulate.sample_prior(n, rng)
+    d = rng.uniform(1, 30, n)
+    f0 = simulate.model_flux(pr["age_myr"], pr["ebv"], pr["log10_mass"], d)
+    r = rng.uniform(0.01, 0.5, f0.shape)
+    fs = f0 * np.exp(r * rng.standard_normal(f0.shape))
+    m = gp.mle(fs, r, d, batch=10)
+    tab = simulate.load_table()
+    F = np.exp(tab["ln_flux"]).reshape(-1, 5)
+    F2 = F ** 2
+    e = tab["ebv_nodes"]
+    for i in range(n):
+        sig = r[i] * fs[i]
+        u, v = F @ (fs[i] / sig ** 2), F2 @ (1 / sig ** 2)
+        chi = np.sum((fs[i] / sig) ** 2) - u * u / v
+        j = np.argmin(chi)
+        ok = chi <= chi[j] + 1
+        age, ie = np.divmod(np.nonzero(ok)[0], len(e))
+        half = np.sqrt(np.maximum(chi[j] + 1 - chi[ok], 0) / v[ok])
+        scale = (1e-5 / d[i]) ** 2
+        assert m["age_myr"][i] == j // len(e) + 1 and m["ebv"][i] == e[j % len(e)]
+        assert abs(m["chi2"][i] - max(chi[j], 0)) < 1e-6 * (1 + chi[j])
+        assert abs(m["log10_mass"][i] - np.log10(u[j] / v[j] / scale)) < 1e-9
+        assert (m["age_myr_lo"][i], m["age_myr_hi"][i]) == (age.min() + 1, age.max() + 1)
+        assert (m["ebv_lo"][i], m["ebv_hi"][i]) == (e[ie.min()], e[ie.max()])
+        assert abs(m["log10_mass_lo"][i] - np.log10((u[ok] / v[ok] - half).min() / scale)) < 1e-9
+        assert abs(m["log10_mass_hi"][i] - np.log10((u[ok] / v[ok] + half).max() / scale)) < 1e-9
+
+
+def test_dropped_probability_is_bounded_and_harmless(table):
+    """The lightest cells left out (drop = 1e-6) hold at most that share (counted exactly, or bounded for the
+    rows not evaluated), and change neither log Z nor the quantiles against keeping (almost) everything."""
+    theta, fs, rs, d, k = simulate_obs(table, 4, np.random.default_rng(10))
+    for i in range(4):
+        a = gp.exact_posterior(fs[i], rs[i], d[i], table=table)
+        b = gp.exact_posterior(fs[i], rs[i], d[i], table=table, drop=1e-15)
+        assert a["p_dropped"] <= 5e-7 and a["p_skipped_bound"] <= 5e-7
+        assert len(a["prob"]) < len(b["prob"])
+        assert abs(a["log_z"] - b["log_z"]) < 1e-6
+        assert np.abs(a["quantiles"] - b["quantiles"]).max() < 1e-4
+
+
 def test_cli_writes_summaries_and_figure(tmp_path, table):
     import simulate
     rng = np.random.default_rng(8)

@@ -462,28 +462,28 @@ def _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr=-np.inf, chunk=50_000):
     log_h = np.log(hrow) + row_logw                                 # per row; split cells: - ln EDGE_SPLIT
     m = n + EDGE_SPLIT - 1                                          # cells per row
     ends = np.cumsum(m)
-    aT = np.ascontiguousarray(a.T)
+    # per band, the table position of each cell: u = (a_b + mu' - y0_b) / step_b = base_b[row] + mu' / step_b
+    base = [(a[:, b] - y0) / step for b, (y0, step, t, dt) in enumerate(tabs)]
     r0 = 0
     while r0 < len(m):
-        base = ends[r0 - 1] if r0 else 0
-        r1 = max(int(np.searchsorted(ends, base + chunk, side="right")), r0 + 1)
+        base0 = ends[r0 - 1] if r0 else 0
+        r1 = max(int(np.searchsorted(ends, base0 + chunk, side="right")), r0 + 1)
         rows = np.repeat(np.arange(r0, r1), m[r0:r1])
-        i = base + np.arange(len(rows)) - np.repeat(ends[r0:r1] - m[r0:r1], m[r0:r1])
+        i = base0 + np.arange(len(rows)) - np.repeat(ends[r0:r1] - m[r0:r1], m[r0:r1])
         hr = hrow[rows]
         small = i < EDGE_SPLIT
         width = np.where(small, hr / EDGE_SPLIT, hr)
         mu = lo[rows] + np.where(small, (i + 0.5) * width, (i - EDGE_SPLIT + 1.5) * hr)
         L = np.zeros(len(rows))
+        u = np.empty(len(rows))
         for b, (y0, step, t, dt) in enumerate(tabs):
-            u = aT[b][rows]
-            u += mu
-            u -= y0
-            u /= step
+            np.multiply(mu, 1.0 / step, out=u)
+            u += base[b][rows]
             np.clip(u, 0.0, len(t) - 1.0, out=u)
             j = u.astype(np.int64)
             u -= j
-            L += t[j]
             u *= dt[j]
+            u += t[j]
             L += u
         keep = L >= thr                                             # below the pruning level: negligible
         logw = log_h[rows[keep]] + L[keep] - np.where(small[keep], np.log(EDGE_SPLIT), 0.0)

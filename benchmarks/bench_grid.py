@@ -1,6 +1,7 @@
 """Benchmark and validation of grid_posterior on the real BC03 table (one CPU core: OMP_NUM_THREADS=1).
 
     python benchmarks/bench_grid.py --n 20                 # exact-posterior and MLE timings, convergence check
+    python benchmarks/bench_grid.py --n 20 --baseline OLD.py   # the same, before/after on the same clusters
     python benchmarks/bench_grid.py --sbc 500 --seed 1 --save F.npz    # SBC of the exact posterior (slow: ~1 h)
     python benchmarks/bench_grid.py --summarize F.npz[,G.npz]          # its tests again, parts merged
 
@@ -33,30 +34,54 @@ def simulated_clusters(n, seed):
     return np.stack([label, pr["log10_mass"], pr["ebv"]], axis=1), fs, rs, d, pr, f
 
 
-def bench_speed(n, seed):
+def load_module(path):
+    """A grid_posterior.py from another revision (e.g. `git show REV:grid_posterior.py > /tmp/old.py`), for
+    before/after timings on the same clusters in one process."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("grid_posterior_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_speed(n, seed, baseline=None, max_evaluated=3e8):
+    """CPU time of exact_posterior per cluster (and of a baseline module's, alternating on the same clusters;
+    a posterior over max_evaluated cells or the memory cap counts with the time spent until it stopped), then
+    of the MLE in batches, and the MLE's exact recovery on noiseless photometry."""
     theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
-    gp._linear_fit(gp._table())                       # one-off table preparation, not per cluster
-    times, walls, ncell = [], [], []
+    mods = [("this", gp)] + ([("baseline", load_module(baseline))] if baseline else [])
+    for _, mod in mods:
+        mod._linear_fit(mod._table())                 # one-off table preparation, not per cluster
+    times, walls, ncell, failed = np.zeros((len(mods), n)), 0.0, [], np.zeros((len(mods), n), bool)
     for i in range(n):
-        t0, c0 = time.perf_counter(), time.process_time()
-        post = gp.exact_posterior(fs[i], rs[i], d[i])
-        times.append(time.process_time() - c0)
-        walls.append(time.perf_counter() - t0)
-        ncell.append(len(post["prob"]))
-    times = np.array(times)
-    print(f"(CPU time per cluster; wall time was {np.sum(walls) / np.sum(times):.2f}x that on this machine)")
-    print(f"exact posterior, full 1 Myr age grid, {n} prior clusters, one core: median {np.median(times):.2f} s, "
-          f"mean {times.mean():.2f} s, 90th pct {np.percentile(times, 90):.2f} s, max {times.max():.2f} s; "
-          f"<= 1 s for {np.mean(times <= 1):.0%}; median cells kept {int(np.median(ncell))}")
-    gp.mle(fs[:8], rs[:8], d[:8])                     # warm-up (table exp)
-    nm = max(n, 256)
+        for j, (_, mod) in enumerate(mods):
+            t0, c0 = time.perf_counter(), time.process_time()
+            try:
+                post = mod.exact_posterior(fs[i], rs[i], d[i], max_evaluated=max_evaluated)
+                if j == 0:
+                    ncell.append(len(post["prob"]))
+            except MemoryError:
+                failed[j, i] = True
+            times[j, i] = time.process_time() - c0
+            walls += time.perf_counter() - t0
+            post = None
+    print(f"(CPU time per cluster; wall time was {walls / times.sum():.2f}x that on this machine)")
+    for j, (name, _) in enumerate(mods):
+        t = times[j]
+        print(f"exact posterior ({name}), full 1 Myr age grid, {n} prior clusters (seed {seed}), one core: median "
+              f"{np.median(t):.2f} s, mean {t.mean():.2f} s, 90th pct {np.percentile(t, 90):.2f} s, max {t.max():.2f} s; "
+              f"<= 1 s for {np.mean(t <= 1):.0%}; {failed[j].sum()} over max_evaluated = {max_evaluated:.0e} or the cap"
+              + (f"; median cells kept {int(np.median(ncell))}" if j == 0 else ""))
+    nm = max(n, 512)
     theta, fs, rs, d, pr, f = simulated_clusters(nm, seed + 1)
-    for ranges in (False, True):
-        c0 = time.process_time()
-        gp.mle(fs, rs, d, ranges=ranges)
-        dt = (time.process_time() - c0) / nm
-        print(f"MLE (min chi^2 over 13750 ages x 151 E(B-V), mass analytic), batches of 512, "
-              f"{'with' if ranges else 'without'} the 1-sigma ranges: {dt * 1e3:.1f} ms CPU per cluster")
+    for name, mod in mods:
+        mod.mle(fs[:8], rs[:8], d[:8])                # warm-up (table preparation)
+        for ranges in (False, True):
+            c0 = time.process_time()
+            mod.mle(fs, rs, d, ranges=ranges)
+            dt = (time.process_time() - c0) / nm
+            print(f"MLE ({name}; min chi^2 over 13750 ages x 151 E(B-V), mass analytic), {nm} clusters in batches, "
+                  f"{'with' if ranges else 'without'} the 1-sigma ranges: {dt * 1e3:.2f} ms CPU per cluster")
     # noiseless photometry on grid nodes: exact recovery
     e_nodes = simulate.load_table()["ebv_nodes"]
     ebv = e_nodes[np.random.default_rng(seed).integers(0, len(e_nodes), nm)]
@@ -201,6 +226,9 @@ def main(argv=None):
                     help="time one cluster of the --n clusters of --seed (CPU time, peak memory) and exit")
     ap.add_argument("--broad", default=None, help="saved SBC .npz: time its --top broadest clusters, one process each")
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--baseline", default=None,
+                    help="another grid_posterior.py (e.g. from `git show REV:grid_posterior.py`): time it too, "
+                         "alternating on the same clusters")
     ap.add_argument("--resolution", type=float, default=2.0,
                     help="with --cluster/--broad/--sbc (the SBC retries a cluster over the cap at 1)")
     args = ap.parse_args(argv)
@@ -226,7 +254,7 @@ def main(argv=None):
         sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start,
             resolutions=(args.resolution, 1.0) if args.resolution != 1.0 else (1.0,))
         return
-    bench_speed(args.n, args.seed)
+    bench_speed(args.n, args.seed, args.baseline)
     bench_convergence(max(args.n // 4, 3), args.seed)
 
 

@@ -940,6 +940,52 @@ def cmd_throughput(args):
     return res
 
 
+def exact_reference(obs, cinn_samples, args):
+    """Per cluster of obs: the exact grid posterior's log density at the true theta, MAP, 16/50/84 %
+    quantiles, and the mean-shift MAP of as many exact samples as the cINN has; plus the marginals of the
+    first args.examples clusters for the Fig. 5 figure. Clusters whose exact posterior exceeds the memory cap
+    get NaN (reported as a count, never silently). One cluster at a time: a grid posterior holds ~1e5-1e7
+    cells, so only summaries are kept."""
+    import grid_posterior
+    n, theta = len(obs["x"]), obs["theta"]
+    rng = np.random.default_rng(args.seed + 1)
+    ref = dict(logp_exact=np.full(n, np.nan), map_exact=np.full((n, 3), np.nan),
+               quantiles_exact=np.full((n, 3, 3), np.nan), map_exact_meanshift=np.full((n, 3), np.nan))
+    grids, k_ex, t0 = [], min(args.examples, n), time.time()
+    for i in range(n):
+        f, r, d = obs["flux_mjy"][i:i + 1], obs["rel_err"][i:i + 1], obs["distance_mpc"][i:i + 1]
+        try:
+            post = grid_posterior.exact_posterior(f[0], r[0], d[0])
+        except MemoryError as exc:
+            log(f"  cluster {i}: exact posterior failed ({exc}); left out")
+            k_ex = min(k_ex, i)
+            continue
+        ref["logp_exact"][i] = grid_posterior.log_density(theta[i:i + 1], f, r, d, posts=[post])[0]
+        ref["map_exact"][i] = post["map"]
+        ref["quantiles_exact"][i] = np.asarray(post["quantiles"]).T                     # (q, param)
+        ex = grid_posterior.sample_posterior(post, cinn_samples.shape[1], rng)
+        ref["map_exact_meanshift"][i] = mean_shift(ex, args.bandwidth, 3, args.kernel)[0]
+        if i < k_ex:
+            grids.append(_exact_marginals(post, ex, cinn_samples[i]))
+        del post
+        if (i + 1) % 10 == 0 or i + 1 == n:
+            log(f"  exact posteriors: {i + 1}/{n} clusters, {time.time() - t0:.1f} s")
+    return ref, grids
+
+
+def _load_exact_reference(path, theta):
+    """The exact-posterior part of an earlier `exact` run (its exact.npz) on the same clusters: the grid
+    posteriors do not depend on the cINN, so comparing another model need not recompute them."""
+    import simulate
+    keys = ("logp_exact", "map_exact", "quantiles_exact", "map_exact_meanshift", "theta_true")
+    ref = simulate.load_npz(path, required=keys)
+    if ref["theta_true"].shape != theta.shape or not np.allclose(ref["theta_true"], theta, rtol=0, atol=1e-12):
+        raise ValueError(f"{path}: its theta_true ({ref['theta_true'].shape[0]} clusters) is not that of the "
+                         f"first {len(theta)} clusters of --obs; use the same --obs and --n as the run that wrote it")
+    log(f"  exact posteriors: reused from {path} (no example figure)")
+    return ref
+
+
 def cmd_exact(args):
     """Accuracy against the exact grid posterior (grid_posterior.py) on simulated test clusters:
     KL estimate mean(log p_exact(theta_true|x) - log q_cINN(theta_true|x)) +- SE, 16-84 % width ratios,
@@ -951,7 +997,6 @@ def cmd_exact(args):
     (grid_posterior.sample_posterior) is compared too. Widths: 16-84 % of the cINN samples over the grid
     posterior's 16-84 % marginal quantiles."""
     import simulate
-    import grid_posterior
     obs = load_obs(args.obs, args.n, need_theta=True)
     model = load_model(args.model, args.device)
     n = len(obs["x"])
@@ -959,33 +1004,12 @@ def cmd_exact(args):
     logq = np.asarray(model.log_prob(theta, obs["x"]), dtype=float)                  # age bins (cinn.py)
     logq_flow = np.asarray(model.log_prob(theta, obs["x"], age_bins=False), dtype=float)   # the flow alone
     samples, summ = _summary_or_run(args, obs, model)
-    # one cluster at a time: a grid posterior holds ~1e5-1e6 cells (tens of MB), so keep only summaries
-    rng = np.random.default_rng(args.seed + 1)
-    k_ex = min(args.examples, n)
-    logp, map_exact, q_exact, ms_exact, grids = np.empty(n), np.empty((n, 3)), np.empty((n, 3, 3)), [], []
-    t0 = time.time()
-    for i in range(n):
-        f, r, d = obs["flux_mjy"][i:i + 1], obs["rel_err"][i:i + 1], obs["distance_mpc"][i:i + 1]
-        try:
-            post = grid_posterior.exact_posterior(f[0], r[0], d[0])
-        except MemoryError as exc:        # reported as a count, never silently: see n_exact_failed
-            log(f"  cluster {i}: exact posterior failed ({exc}); left out")
-            logp[i], map_exact[i], q_exact[i] = np.nan, np.nan, np.nan
-            ms_exact.append(np.full(3, np.nan))
-            if i < k_ex:
-                k_ex = i
-            continue
-        logp[i] = grid_posterior.log_density(theta[i:i + 1], f, r, d, posts=[post])[0]
-        map_exact[i] = post["map"]
-        q_exact[i] = np.asarray(post["quantiles"]).T                         # (q, param)
-        ex = grid_posterior.sample_posterior(post, samples.shape[1], rng)
-        ms_exact.append(mean_shift(ex, args.bandwidth, 3, args.kernel)[0])
-        if i < k_ex:
-            grids.append(_exact_marginals(post, ex, samples[i]))
-        del post
-        if (i + 1) % 10 == 0 or i + 1 == n:
-            log(f"  exact posteriors: {i + 1}/{n} clusters, {time.time() - t0:.1f} s")
-    ms_exact = np.array(ms_exact)
+    if args.reuse_exact:
+        ref, grids = _load_exact_reference(args.reuse_exact, theta), []
+    else:
+        ref, grids = exact_reference(obs, samples, args)
+    logp, map_exact, q_exact, ms_exact = (ref[k] for k in ("logp_exact", "map_exact", "quantiles_exact",
+                                                            "map_exact_meanshift"))
     ok = np.isfinite(logp)                 # clusters whose exact posterior could be computed
     kl, kl_se = kl_estimate(logp, logq)
     kl_flow, kl_flow_se = kl_estimate(logp, logq_flow)
@@ -1022,7 +1046,8 @@ def cmd_exact(args):
                       modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], quantiles_exact=q_exact,
                       seed=args.seed)
     _write_json(out / "exact.json", res)
-    plot_exact_examples(samples[:k_ex], grids, out / "exact_examples.png", truth=theta[:k_ex])
+    if grids:
+        plot_exact_examples(samples[:len(grids)], grids, out / "exact_examples.png", truth=theta[:len(grids)])
     _plot_exact_summary(res, logp - logq, ratio, dage[ok], out / "exact.png")
     print(f"exact: {n} simulated test clusters ({res['n_exact_failed']} left out: exact posterior failed), "
           f"{samples.shape[1]} cINN samples each")
@@ -1041,7 +1066,7 @@ def cmd_exact(args):
           f"{res['share_any_cinn_mode_within_0p1_dex_age']:.1%} (ridge-like posteriors have near-equal modes)")
     print("  truth inside 16-84 %: cINN " + ", ".join(f"{v:.3f}" for v in res["truth_in_cinn_16_84"].values())
           + "; exact " + ", ".join(f"{v:.3f}" for v in res["truth_in_exact_16_84"].values()) + " (0.68 expected)")
-    print(f"wrote {out}/exact.npz, exact.json, exact.png, exact_examples.png")
+    print(f"wrote {out}/exact.npz, exact.json, exact.png" + (", exact_examples.png" if grids else ""))
     return res
 
 
@@ -1155,6 +1180,9 @@ def build_parser():
     common(p, 200, 10000)
     mode_args(p)
     p.add_argument("--examples", type=int, default=4, help="clusters shown in the Fig. 5 style figure")
+    p.add_argument("--reuse-exact", metavar="EXACT_NPZ",
+                   help="take the exact posteriors' summaries from an earlier run's exact.npz (same --obs, --n) "
+                        "instead of recomputing them: compares another model in minutes")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_exact)
 
@@ -1178,4 +1206,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:     # bad input: the message names the file and what is wrong
+        raise SystemExit(f"evaluate.py: error: {exc}") from None

@@ -317,3 +317,25 @@ def test_cli_exact_runs_on_two_clusters(tiny_run):
     assert np.all(np.isfinite(out["logp_exact"])) and np.all(np.isfinite(out["logq_cinn"]))
     assert res["kl_mean_nats"] == pytest.approx(np.mean(out["logp_exact"] - out["logq_cinn"]))
     assert (d / "exact" / "exact_examples.png").stat().st_size > 0
+
+
+def test_cli_exact_reuses_an_earlier_exact_reference_and_checks_it_matches(tiny_run, tmp_path):
+    """--reuse-exact takes the grid posteriors' summaries from an exact.npz (here a made-up one, so no grid
+    is computed): the KL estimate uses its log p_exact; another --n is refused with the file named."""
+    simulate = pytest.importorskip("simulate")
+    d = tiny_run
+    theta = simulate.load_npz(d / "test.npz")["theta"][:3]
+    fake_logp = np.array([1.0, 2.0, np.nan])                 # the third cluster 'failed' in the earlier run
+    simulate.save_npz(tmp_path / "ref.npz", logp_exact=fake_logp, theta_true=theta, map_exact=theta.copy(),
+                      quantiles_exact=np.repeat(theta[:, None, :], 3, axis=1) + [[-0.1], [0.0], [0.1]],
+                      map_exact_meanshift=theta.copy())
+    res = ev.main(["exact", "--model", str(d / "model.pt"), "--obs", str(d / "test.npz"), "--n", "3",
+                   "--samples", "300", "--reuse-exact", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "ex")])
+    out = simulate.load_npz(tmp_path / "ex" / "exact.npz", required=("logq_cinn", "logq_flow"))
+    assert res["n_exact_failed"] == 1
+    assert res["kl_mean_nats"] == pytest.approx(np.mean(fake_logp[:2] - out["logq_cinn"][:2]))
+    assert res["kl_mean_nats_flow_without_age_bins"] == pytest.approx(np.mean(fake_logp[:2] - out["logq_flow"][:2]))
+    assert not (tmp_path / "ex" / "exact_examples.png").exists()
+    with pytest.raises(ValueError, match="ref.npz.*same --obs and --n"):
+        ev.main(["exact", "--model", str(d / "model.pt"), "--obs", str(d / "test.npz"), "--n", "2",
+                 "--samples", "300", "--reuse-exact", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "ex2")])

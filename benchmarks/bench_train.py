@@ -65,10 +65,13 @@ def main(argv=None):
         t0 = time.perf_counter()
         model.sample(x, 1000, seed=0)
         t1 = time.perf_counter()
-        model.log_prob(np.repeat(obs["theta"], 1000, axis=0), np.repeat(x, 1000, axis=0))
+        theta_rep, x_rep = np.repeat(obs["theta"], 1000, axis=0), np.repeat(x, 1000, axis=0)
+        model.log_prob(theta_rep, x_rep, age_bins=False)
         t2 = time.perf_counter()
+        model.log_prob(theta_rep[:10_000], x_rep[:10_000])              # averaged over the age bin: 16 nodes
+        t3 = time.perf_counter()
         print(f"threads {threads}: sample {1e5 / (t1 - t0):9.0f} samples/s;  log_prob {1e5 / (t2 - t1):9.0f} "
-              f"points/s")
+              f"points/s (flow), {1e4 / (t3 - t2):9.0f} points/s (age-bin average)")
 
 
 if __name__ == "__main__":

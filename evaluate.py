@@ -950,7 +950,8 @@ def exact_reference(obs, cinn_samples, args):
     n, theta = len(obs["x"]), obs["theta"]
     rng = np.random.default_rng(args.seed + 1)
     ref = dict(logp_exact=np.full(n, np.nan), map_exact=np.full((n, 3), np.nan),
-               quantiles_exact=np.full((n, 3, 3), np.nan), map_exact_meanshift=np.full((n, 3), np.nan))
+               quantiles_exact=np.full((n, 3, 3), np.nan), map_exact_meanshift=np.full((n, 3), np.nan),
+               map_exact_meanshift_2=np.full((n, 3), np.nan))
     grids, k_ex, t0 = [], min(args.examples, n), time.time()
     for i in range(n):
         f, r, d = obs["flux_mjy"][i:i + 1], obs["rel_err"][i:i + 1], obs["distance_mpc"][i:i + 1]
@@ -965,6 +966,8 @@ def exact_reference(obs, cinn_samples, args):
         ref["quantiles_exact"][i] = np.asarray(post["quantiles"]).T                     # (q, param)
         ex = grid_posterior.sample_posterior(post, cinn_samples.shape[1], rng)
         ref["map_exact_meanshift"][i] = mean_shift(ex, args.bandwidth, 3, args.kernel)[0]
+        ex2 = grid_posterior.sample_posterior(post, cinn_samples.shape[1], rng)   # the estimator's own scatter
+        ref["map_exact_meanshift_2"][i] = mean_shift(ex2, args.bandwidth, 3, args.kernel)[0]
         if i < k_ex:
             grids.append(_exact_marginals(post, ex, cinn_samples[i]))
         del post
@@ -982,6 +985,7 @@ def _load_exact_reference(path, theta):
     if ref["theta_true"].shape != theta.shape or not np.allclose(ref["theta_true"], theta, rtol=0, atol=1e-12):
         raise ValueError(f"{path}: its theta_true ({ref['theta_true'].shape[0]} clusters) is not that of the "
                          f"first {len(theta)} clusters of --obs; use the same --obs and --n as the run that wrote it")
+    ref.setdefault("map_exact_meanshift_2", np.full_like(ref["map_exact_meanshift"], np.nan))   # older files
     log(f"  exact posteriors: reused from {path} (no example figure)")
     return ref
 
@@ -1033,6 +1037,8 @@ def cmd_exact(args):
                np.nanmin(np.abs(summ["modes"][ok, :, 0] - map_exact[ok, :1]), axis=1) <= 0.1)),
            "share_map_within_0p1_dex_age_vs_meanshift_of_exact_samples": float(np.mean(dage_ms[ok] <= 0.1)),
            "share_meanshift_of_exact_samples_within_0p1_dex_of_grid_map": float(np.mean(dage_exact_ms[ok] <= 0.1)),
+           "share_meanshift_of_two_exact_sample_sets_within_0p1_dex": float(np.mean(
+               np.abs(ref["map_exact_meanshift_2"][ok, 0] - ms_exact[ok, 0]) <= 0.1)),
            "median_abs_map_diff": dict(zip(PARAM_NAMES, np.nanmedian(np.abs(summ["modes"][:, 0] - map_exact), 0))),
            "truth_in_cinn_16_84": dict(zip(PARAM_NAMES, np.mean((theta >= summ["quantiles"][:, 0])
                                                                & (theta <= summ["quantiles"][:, 2]), 0))),
@@ -1042,7 +1048,7 @@ def cmd_exact(args):
     simulate.save_npz(out / "exact.npz", logp_exact=logp, logq_cinn=logq, logq_flow=logq_flow,
                       theta_true=theta,
                       map_cinn=summ["modes"][:, 0], map_exact=map_exact,
-                      map_exact_meanshift=ms_exact,
+                      map_exact_meanshift=ms_exact, map_exact_meanshift_2=ref["map_exact_meanshift_2"],
                       modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], quantiles_exact=q_exact,
                       seed=args.seed)
     _write_json(out / "exact.json", res)
@@ -1061,7 +1067,9 @@ def cmd_exact(args):
     print(f"  cINN MAP within 0.1 dex in age of the exact (grid) MAP: {res['share_map_within_0p1_dex_age']:.1%} "
           f"(of the mean-shift MAP of exact samples: "
           f"{res['share_map_within_0p1_dex_age_vs_meanshift_of_exact_samples']:.1%}; exact samples' own "
-          f"mean-shift MAP vs grid MAP: {res['share_meanshift_of_exact_samples_within_0p1_dex_of_grid_map']:.1%})")
+          f"mean-shift MAP vs grid MAP: {res['share_meanshift_of_exact_samples_within_0p1_dex_of_grid_map']:.1%}; "
+          f"two independent sets of exact samples, mean-shift MAP vs mean-shift MAP: "
+          f"{res['share_meanshift_of_two_exact_sample_sets_within_0p1_dex']:.1%})")
     print(f"  any of the <= 3 cINN modes within 0.1 dex in age of the exact MAP: "
           f"{res['share_any_cinn_mode_within_0p1_dex_age']:.1%} (ridge-like posteriors have near-equal modes)")
     print("  truth inside 16-84 %: cINN " + ", ".join(f"{v:.3f}" for v in res["truth_in_cinn_16_84"].values())

@@ -393,7 +393,9 @@ def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
     form is diagonal: precision W = sum w in nu (the mass cells of width h) and a22 = sum w (q - c)^2 in t (the
     profile width, after the mass has adjusted). When one band is much more precise than the others the
     likelihood is a thin tilted sheet; axis-aligned cells needed 1/sqrt(sum w q^2) steps in E(B-V) to follow
-    it, sheared ones 1/sqrt(a22). Each band's support edge moves against the cells by |q_b - c| per segment,
+    it, sheared ones 1/sqrt(a22): n_sub = resolution x min(EBV_OVERSAMPLE sqrt(a22), sqrt(sum w q^2)) (the
+    oversampling keeps the quantiles as accurate as the axis-aligned grid's; the min never makes the grid
+    finer than that one). Each band's support edge moves against the cells by |q_b - c| per segment,
     <= sqrt(a22 / w_b): at most scale_b / resolution per cell, as the axis-aligned grid guaranteed."""
     A, dA, e, de = prep["A"], prep["dA"], prep["e"], prep["de"]
     kk, jj, tl, th = seg

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_grid.py --n 20                 # exact-posterior and MLE timings, convergence check
     python benchmarks/bench_grid.py --n 20 --baseline OLD.py   # the same, before/after on the same clusters
-    python benchmarks/bench_grid.py --sbc 500 --seed 1 --save F.npz    # SBC of the exact posterior (slow: ~1 h)
+    python benchmarks/bench_grid.py --sbc 500 --seed 1 --save F.npz    # SBC of the exact posterior (~25 min)
     python benchmarks/bench_grid.py --summarize F.npz[,G.npz]          # its tests again, parts merged
 
 Simulated clusters come from simulate.sample_prior / model_flux and preprocess.add_noise (the training pipeline's

@@ -385,7 +385,7 @@ def test_cli_marks_too_broad_posterior_instead_of_crashing(tmp_path, table, monk
 @pytest.mark.slow
 def test_sbc_real_table_500_clusters():
     """SBC of the exact posterior on the real BC03 table at full 1 Myr resolution: 500 prior clusters with the
-    pipeline's own noise code (preprocess.add_noise), fixed seed; all p > 1e-3. (~1 h on one core.)"""
+    pipeline's own noise code (preprocess.add_noise), fixed seed; all p > 1e-3. (26 min on one core.)"""
     import preprocess
     import simulate
     rng = np.random.default_rng(1)

@@ -25,8 +25,9 @@ q onto posteriors of that form:
     q_bin(log t', m, E | x) = Q(k, m, E | x) t' ln 10,    Q(k, m, E | x) = integral of q(l, m, E | x) over bin k
 
 (Q by 16-point Gauss-Legendre in u_0, where the integrand stays smooth up to the 0.5 Myr bound). Sampling it
-is sampling q and re-drawing t' uniformly inside its bin. By the chain rule of the KL divergence, KL(p || q) = KL(P || Q) + E[KL(uniform || q within the bin)]
->= KL(p || q_bin): the projection never moves q away from the true posterior. `age_bins=False` gives the flow.
+is sampling q and re-drawing t' uniformly inside its bin. By the chain rule of the KL divergence,
+KL(p || q) = KL(P || Q) + E[KL(uniform || q within the bin)] >= KL(p || q_bin): the projection never moves q
+away from the true posterior. `age_bins=False` gives the flow.
 
 Directions: `to_latent` (u -> z, with log|det J|, for densities and training) and `to_params` (z -> u, for
 sampling). Public interface for the other scripts:

@@ -71,9 +71,8 @@ def age_bin_edges(log_age):
 
 
 def rejitter_age(log_age, rng):
-    """A fresh label t' = k + U[-1/2, 1/2] in the same bin k: the jitter is independent of x (jitter_age)."""
-    k = age_bin(log_age)
-    return np.log10(k + rng.uniform(-0.5, 0.5, size=k.shape))
+    """A fresh label t' = k + U[-1/2, 1/2] in the same bin k (jitter_age again: it is independent of x)."""
+    return np.log10(jitter_age(age_bin(log_age), rng))
 
 
 def log_mass_floor(log_age, ebv, x):

@@ -453,16 +453,46 @@ def _lookup_tables(profiles, windows, likelihood, rstar, per_sd=32):
 EDGE_SPLIT = 4      # the first mass cell of a row (at the support edge sigma = f/2 when it binds) is split in 4
 
 
-def _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr=-np.inf, chunk=50_000):
-    """Log-likelihood on a midpoint grid in mu' = ln m for each row (linear interpolation in the per-band
-    tables). A row's n cells of width h_row = (hi - lo)/n <= h, the first one split into EDGE_SPLIT cells: where
-    the support edge binds the likelihood may jump there and fall steeply. Yields, per chunk of ~`chunk` cells
-    with L >= thr: row index, mu', width, L, log weight (row_logw + ln width + L: prior x volume x likelihood)
-    and whether the cell ends a row (represented by a box rather than a tent)."""
+def _row_grid(lo, hi, h, row_logw):
+    """Mass cells of each row: m cells in all (n full cells of width hrow = (hi - lo)/n <= h, the first one split
+    into EDGE_SPLIT), and log_h = ln hrow + row_logw, the log weight of a full cell per unit likelihood."""
     n = np.maximum(np.ceil((hi - lo) / h), 1).astype(np.int64)
     hrow = (hi - lo) / n
-    log_h = np.log(hrow) + row_logw                                 # per row; split cells: - ln EDGE_SPLIT
-    m = n + EDGE_SPLIT - 1                                          # cells per row
+    return n + EDGE_SPLIT - 1, hrow, np.log(hrow) + row_logw
+
+
+def _cell_geometry(i, lo, hr, width=True):
+    """Centre mu' (and, if width, the width) of the cells number i of rows starting at lo with full cell width
+    hr: cells 0..EDGE_SPLIT-1 are the split first cell, mu' = lo + (i + 1/2) hr / EDGE_SPLIT, the others
+    mu' = lo + (i - EDGE_SPLIT + 3/2) hr (computed for all, then the few split cells overwritten)."""
+    small = np.flatnonzero(i < EDGE_SPLIT)
+    mu = i - (EDGE_SPLIT - 1.5)
+    mu *= hr
+    mu += lo
+    w_small = hr[small] / EDGE_SPLIT
+    mu[small] = lo[small] + (i[small] + 0.5) * w_small
+    if not width:
+        return mu
+    w = hr.copy()
+    w[small] = w_small
+    return mu, w
+
+
+def _cell_logw(log_h, rows, i, L):
+    """Log weight of cells (prior x volume x likelihood) from their row, index in the row and L: the split
+    first cells of a row (i < EDGE_SPLIT) are EDGE_SPLIT times narrower."""
+    logw = log_h[rows]
+    logw += L
+    np.subtract(logw, np.log(EDGE_SPLIT), out=logw, where=i < EDGE_SPLIT)
+    return logw
+
+
+def _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr=-np.inf, chunk=50_000):
+    """Log-likelihood on a midpoint grid in mu' = ln m for each row (linear interpolation in the per-band
+    tables); the rows' cells as _row_grid made them (m cells per row, full width hrow, first cell split in
+    EDGE_SPLIT: where the support edge binds the likelihood may jump there and fall steeply). Yields, per chunk
+    of ~`chunk` cells with L >= thr: row index (int32), index of the cell in its row, L, and the log weight
+    (row_logw + ln width + L: prior x volume x likelihood, _cell_logw)."""
     ends = np.cumsum(m)
     # per band, the table position of each cell: u = (a_b + mu' - y0_b) / step_b = base_b[row] + mu' / step_b
     base = [(a[:, b] - y0) / step for b, (y0, step, t, dt) in enumerate(tabs)]
@@ -470,12 +500,9 @@ def _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr=-np.inf, chunk=50_000):
     while r0 < len(m):
         base0 = ends[r0 - 1] if r0 else 0
         r1 = max(int(np.searchsorted(ends, base0 + chunk, side="right")), r0 + 1)
-        rows = np.repeat(np.arange(r0, r1), m[r0:r1])
+        rows = np.repeat(np.arange(r0, r1, dtype=np.int32), m[r0:r1])
         i = base0 + np.arange(len(rows)) - np.repeat(ends[r0:r1] - m[r0:r1], m[r0:r1])
-        hr = hrow[rows]
-        small = i < EDGE_SPLIT
-        width = np.where(small, hr / EDGE_SPLIT, hr)
-        mu = lo[rows] + np.where(small, (i + 0.5) * width, (i - EDGE_SPLIT + 1.5) * hr)
+        mu = _cell_geometry(i, lo[rows], hrow[rows], width=False)
         L = np.zeros(len(rows))
         u = np.empty(len(rows))
         for b, (y0, step, t, dt) in enumerate(tabs):
@@ -488,8 +515,8 @@ def _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr=-np.inf, chunk=50_000):
             u += t[j]
             L += u
         keep = L >= thr                                             # below the pruning level: negligible
-        logw = log_h[rows[keep]] + L[keep] - np.where(small[keep], np.log(EDGE_SPLIT), 0.0)
-        yield rows[keep], mu[keep], width[keep], L[keep], logw, ((i <= EDGE_SPLIT) | (i == m[rows] - 1))[keep]
+        rows, i, L = rows[keep], i[keep], L[keep]
+        yield rows, i, L, _cell_logw(log_h, rows, i, L)
         r0 = r1
 
 
@@ -502,18 +529,20 @@ def _logsumexp(x):
 
 
 def _prune(parts, level, log_drop):
-    """Drop the cells with log weight <= level from the kept parts (tuples whose item 4 is logw); their
-    probability goes into log_drop (log of the summed weights), so the evidence stays exact."""
-    out = []
+    """Drop the cells with log weight <= level from the kept parts (row, index in row, L, log weight; in place);
+    their probability goes into log_drop (log of the summed weights), so the evidence stays exact."""
+    w = 0
     for p in parts:
-        if p[4].min() > level:
-            out.append(p)
+        logw = p[3]
+        if logw.min() > level:
+            parts[w], w = p, w + 1
             continue
-        sel = p[4] > level
-        log_drop = np.logaddexp(log_drop, _logsumexp(p[4][~sel]))
+        sel = logw > level
+        log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
         if sel.any():
-            out.append(tuple(x[sel] for x in p))
-    return out, sum(len(p[4]) for p in out), log_drop
+            parts[w], w = tuple(x[sel] for x in p), w + 1
+    del parts[w:]
+    return sum(len(p[2]) for p in parts), log_drop
 
 
 def _rows_to_skip(bound, allowance):
@@ -535,7 +564,7 @@ def _drop_level(parts, log_z, log_drop, budget, bin_nats=0.05):
     n_bins = 4000
     hist = np.zeros(n_bins + 1)
     for p in parts:
-        dz = log_z - p[4]
+        dz = log_z - p[3]
         hist += np.bincount(np.minimum((dz / bin_nats).astype(np.int64), n_bins), np.exp(-dz), n_bins + 1)
     allowed = budget - np.exp(log_drop - log_z)
     tail_sum = np.cumsum(hist[::-1])[::-1]                          # weight of the bins >= b
@@ -543,6 +572,49 @@ def _drop_level(parts, log_z, log_drop, budget, bin_nats=0.05):
     if len(ok) == 0:
         return -np.inf
     return log_z - ok[0] * bin_nats                                 # drop the cells with logw <= this level
+
+
+def _expand_cells(post, parts, n, rd, log_z, map_age):
+    """Write the kept cells (parts of (global row, index in row, L), in row order) into the per-cell arrays of
+    post, each filled once, part by part (the temporaries stay in cache): the row's age, E(B-V), widths and
+    shear, the cell's mass and width (_cell_geometry), prob = exp(logw - log Z) normalised to the kept cells,
+    log_like, the tent flags and the MAP. Returns the probability of each row and its tent_ebv flag."""
+    names = ("ebv", "log10_mass", "d_ebv", "d_log10_mass", "mass_shear", "prob", "log_like")
+    out = {name: np.empty(n) for name in names}
+    out["k"] = np.empty(n, np.int64)
+    out["tent_mass"], out["tent_ebv"] = np.empty(n, bool), np.empty(n, bool)
+    e0, e1 = post["ebv_range"]
+    # cell shapes for sampling and marginals: a tent (triangle of half-width = cell width, the linear
+    # interpolant of the midpoint values) inside, a box at the ends of a mass row (support edge, window end)
+    # and at the ends of the E(B-V) range
+    row_tent_ebv = (rd["ebv"] - rd["dee"] / 2 > e0 + 1e-9) & (rd["ebv"] + rd["dee"] / 2 < e1 - 1e-9)
+    row_shear = rd["shear"] / LN10
+    row_prob = np.zeros(len(rd["k"]))
+    s, best, i_map = 0, -np.inf, 0
+    for rows, i, L, logw in parts:
+        sl = slice(s, s + len(L))
+        for name, src in (("k", rd["k"]), ("ebv", rd["ebv"]), ("d_ebv", rd["dee"]), ("mass_shear", row_shear),
+                          ("tent_ebv", row_tent_ebv)):
+            np.take(src, rows, out=out[name][sl])
+        mu, width = _cell_geometry(i, rd["lo"][rows], rd["hrow"][rows])
+        np.divide(mu, LN10, out=out["log10_mass"][sl])
+        np.divide(width, LN10, out=out["d_log10_mass"][sl])
+        out["log_like"][sl] = L
+        p = np.subtract(logw, log_z, out=out["prob"][sl])
+        np.exp(p, out=p)
+        np.logical_and(i > EDGE_SPLIT, i != rd["m"][rows] - 1, out=out["tent_mass"][sl])
+        row_prob[rows[0]:rows[-1] + 1] += np.bincount(rows - rows[0], p)
+        v = L + map_age[out["k"][sl] - 1]                          # MAP: the density's maximum, see _table
+        j = int(np.argmax(v))
+        if v[j] > best:
+            best, i_map = v[j], s + j
+        s = sl.stop
+    p_kept = out["prob"].sum()
+    out["prob"] /= p_kept
+    row_prob /= p_kept
+    post.update(out)
+    post["map"] = np.array([np.log10(post["k"][i_map]), post["log10_mass"][i_map], post["ebv"][i_map]])
+    return row_prob, row_tent_ebv
 
 
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=2.0,
@@ -607,7 +679,9 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
     parts, n_kept, n_pruned, top, log_drop, n_eval = [], 0, 0, -np.inf, -np.inf, 0
     z_run, log_skip, n_seg = -np.inf, -np.inf, len(seg[0])
-    row_data, n_rows = [], 0                  # per row: k, E(B-V), its width, shear; cells store the row index
+    # per batch of rows: k, E(B-V), its width, shear, and the mass grid (lo, hrow, m); the kept cells are stored
+    # compactly as (global row index, index of the cell in its row, L, log weight) and expanded once at the end
+    row_data, n_rows = [], 0
     log_half = np.log(drop / 2.0)
     for s0 in range(0, n_seg, seg_chunk):
         k, ebv, dee, a, lo, hi, shear, lmax = _rows(prep, off, scales, cmb, win, thr,
@@ -622,9 +696,10 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
             k, ebv, dee, a, lo, hi, shear, row_logw = (x[~skip] for x in (k, ebv, dee, a, lo, hi, shear, row_logw))
             if len(k) == 0:
                 continue
-        row_data.append((k, ebv, dee, shear))
-        n_rows += len(k)
-        for rows, mu, width, L, logw, end in _evaluate_rows(tabs, a, lo, hi, h, row_logw, thr):
+        m, hrow, log_h = _row_grid(lo, hi, h, row_logw)
+        row_data.append((k, ebv, dee, shear, lo, hrow, m))
+        r_off, n_rows = n_rows, n_rows + len(k)
+        for rows, i, L, logw in _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr):
             n_eval += len(L)
             if max_evaluated is not None and n_eval > max_evaluated:
                 raise MemoryError(f"exact_posterior: this posterior needs more than max_evaluated = "
@@ -639,10 +714,10 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
                 log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
             if not sel.any():
                 continue
-            parts.append((rows[sel] + (n_rows - len(k)), mu[sel], width[sel], L[sel], logw[sel], end[sel]))
-            n_kept += int(sel.sum())
+            parts.append((rows[sel] + np.int32(r_off), i[sel].astype(np.int32), L[sel], logw[sel]))
+            n_kept += len(parts[-1][2])
             if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new level
-                parts, n_kept, log_drop = _prune(parts, level, log_drop)
+                n_kept, log_drop = _prune(parts, level, log_drop)
                 n_pruned = n_kept
                 if n_kept > max_cells:
                     raise MemoryError(f"exact_posterior: this posterior keeps more than max_cells = "
@@ -651,31 +726,18 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     if not parts:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
     log_z = z_run
-    parts, n_kept, log_drop = _prune(parts, _drop_level(parts, log_z, log_drop, drop / 2.0), log_drop)
-    row, mu, width, L, logw, end = (np.concatenate([p[c] for p in parts]) for c in range(6))
-    del parts
-    k, ebv, dee, shear = (np.concatenate([rd[c] for rd in row_data])[row] for c in range(4))
-    logw -= log_z
-    prob = np.exp(logw, out=logw)
-    p_kept = prob.sum()
-    prob /= p_kept
-    mu /= LN10
-    width /= LN10
-    shear /= LN10
-    post = {"k": k, "ebv": ebv, "log10_mass": mu, "d_ebv": dee,
-            "d_log10_mass": width, "mass_shear": shear, "prob": prob, "log_like": L, "log_z": log_z,
-            "n_age": prep["A"].shape[0], "ebv_range": (prep["e"][0], prep["e"][-1]), "likelihood": likelihood,
-            "obs": (f, r, d), "table": table, "p_dropped": float(np.exp(log_drop - log_z)),
+    rd = dict(zip(("k", "ebv", "dee", "shear", "lo", "hrow", "m"),
+                  (np.concatenate([r_[c] for r_ in row_data]) for c in range(7))))
+    del row_data
+    n_kept, log_drop = _prune(parts, _drop_level(parts, log_z, log_drop, drop / 2.0), log_drop)
+    post = {"n_age": prep["A"].shape[0], "ebv_range": (prep["e"][0], prep["e"][-1]), "likelihood": likelihood,
+            "obs": (f, r, d), "table": table, "log_z": log_z, "p_dropped": float(np.exp(log_drop - log_z)),
             "p_skipped_bound": float(np.exp(log_skip - log_z))}
-    # cell shapes for sampling and marginals: a tent (triangle of half-width = cell width, the linear
-    # interpolant of the midpoint values) inside, a box at the ends of a mass row (support edge, window end)
-    # and at the ends of the E(B-V) range
-    post["tent_mass"] = ~end
-    post["tent_ebv"] = (ebv - dee / 2 > prep["e"][0] + 1e-9) & (ebv + dee / 2 < prep["e"][-1] - 1e-9)
-    post["age_pmf"] = np.bincount(post["k"] - 1, weights=prob, minlength=post["n_age"])
-    i = np.argmax(L + prep["map_age"][k - 1])
-    post["map"] = np.array([np.log10(post["k"][i]), post["log10_mass"][i], post["ebv"][i]])
-    _marginals(post)
+    row_prob, row_tent_ebv = _expand_cells(post, parts, n_kept, rd, log_z, prep["map_age"])
+    del parts
+    post["age_pmf"] = np.bincount(rd["k"] - 1, weights=row_prob, minlength=post["n_age"])
+    used = row_prob > 0
+    _marginals(post, (rd["ebv"][used], rd["dee"][used], row_prob[used], row_tent_ebv[used]))
     post["quantiles"] = posterior_quantiles(post)
     return post
 
@@ -695,18 +757,22 @@ def _cell_cdf(c, h, w, tent, x0, x1, step, shift=None, tent_shift=None, chunk=1 
     becomes box(h) * box(sqrt(h^2 + g^2)): same mean and variance, the difference is in the shape inside
     one cell). Trapezoids are slope jumps too; boxes with a shift below one grid step stay boxes.
     Cells that reach past [x0, x1] (sheared cells at the prior bounds, whose draws sample_posterior truncates
-    to the prior) are integrated on a grid padded beyond it, and the CDF is renormalised to [x0, x1]."""
+    to the prior) are integrated on a grid padded beyond it, and the CDF is renormalised to [x0, x1].
+    shift may be given as a pair of arrays (a, b), shift = a * b, formed chunk by chunk (no full-size copy)."""
     n_out = int(np.ceil((x1 - x0) / step)) + 3
     x_out = x0 - step + step * np.arange(n_out + 1)
-    ext = np.max(np.abs(shift) * np.where(tent_shift, 2.0, 1.0) + h) if shift is not None and len(h) else 0.0
+    chunks = [slice(s0, s0 + chunk) for s0 in range(0, len(c), chunk)]   # the temporaries stay in cache
+    shift_of = (lambda sl: None) if shift is None else \
+        (lambda sl: shift[0][sl] * shift[1][sl]) if isinstance(shift, tuple) else (lambda sl: shift[sl])
+    ext = max((np.max(np.abs(shift_of(sl)) * np.where(tent_shift[sl], 2.0, 1.0) + h[sl]) for sl in chunks),
+              default=0.0) if shift is not None else 0.0
     pad = int(np.ceil(max(ext, np.max(h, initial=0.0)) / step)) + 2
     n = n_out + 2 * pad
     x = x_out[0] - pad * step + step * np.arange(n + 1)
     jumps, kinks = np.zeros(n + 1), np.zeros(n + 1)
-    for s0 in range(0, len(c), chunk):                              # chunks: the temporaries stay in cache
-        sl = slice(s0, s0 + chunk)
-        _cell_terms(c[sl], h[sl], w[sl], tent[sl], None if shift is None else shift[sl],
-                    None if shift is None else tent_shift[sl], x[0], step, jumps, kinks)
+    for sl in chunks:
+        _cell_terms(c[sl], h[sl], w[sl], tent[sl], shift_of(sl), None if shift is None else tent_shift[sl],
+                    x[0], step, jumps, kinks)
     dens = np.cumsum(jumps) + np.cumsum(np.cumsum(kinks) * step)
     cdf = np.concatenate([[0.0], np.cumsum(dens[:-1] * step)])
     c0, c1 = np.interp([x0, x1], x, cdf)
@@ -735,17 +801,18 @@ def _cell_terms(c, h, w, tent, shift, tent_shift, xstart, step, jumps, kinks):
                          np.concatenate([sl, sl]), n + 1)
 
 
-def _marginals(post, step_mass=2e-4, step_ebv=1e-4):
+def _marginals(post, rows=None, step_mass=2e-4, step_ebv=1e-4):
     """Fine-grid CDFs of the log-mass and E(B-V) marginals (stored in post; used for quantiles, CDFs, plots).
     The mass marginal is the projection of the sheared cells (see _rows): each cell's mass shape moves along
-    its E(B-V) shape by mass_shear * d_ebv."""
+    its E(B-V) shape by mass_shear * d_ebv. rows (optional): (ebv, d_ebv, prob, tent_ebv) per E(B-V) row;
+    the cells of a row share their E(B-V) shape, so the E(B-V) marginal is the mixture of the rows' shapes."""
     p = post["prob"]
-    shift = post["mass_shear"] * post["d_ebv"] if "mass_shear" in post else None
+    shift = (post["mass_shear"], post["d_ebv"]) if "mass_shear" in post else None
     post["mass_grid"], post["mass_cdf"] = _cell_cdf(post["log10_mass"], post["d_log10_mass"], p,
                                                     post["tent_mass"], *LOG_MASS_RANGE, step_mass, shift,
                                                     post["tent_ebv"])
-    post["ebv_grid"], post["ebv_cdf"] = _cell_cdf(post["ebv"], post["d_ebv"], p, post["tent_ebv"],
-                                                  *post["ebv_range"], step_ebv)
+    ebv, d_ebv, p, tent = rows if rows is not None else (post["ebv"], post["d_ebv"], p, post["tent_ebv"])
+    post["ebv_grid"], post["ebv_cdf"] = _cell_cdf(ebv, d_ebv, p, tent, *post["ebv_range"], step_ebv)
 
 
 def _age_cdf_grid(post):

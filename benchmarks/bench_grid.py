@@ -2,6 +2,7 @@
 
     python benchmarks/bench_grid.py --n 20                 # exact-posterior and MLE timings, convergence check
     python benchmarks/bench_grid.py --n 20 --baseline OLD.py   # the same, before/after on the same clusters
+    python benchmarks/bench_grid.py --n 500 --clusters 150,159 --baseline OLD.py   # chosen clusters of the --n
     python benchmarks/bench_grid.py --sbc 500 --seed 1 --save F.npz    # SBC of the exact posterior (~25 min)
     python benchmarks/bench_grid.py --summarize F.npz[,G.npz]          # its tests again, parts merged
 
@@ -44,11 +45,15 @@ def load_module(path):
     return mod
 
 
-def bench_speed(n, seed, baseline=None, max_evaluated=3e8):
+def bench_speed(n, seed, baseline=None, max_evaluated=3e8, clusters=None, mle=True):
     """CPU time of exact_posterior per cluster (and of a baseline module's, alternating on the same clusters;
     a posterior over max_evaluated cells or the memory cap counts with the time spent until it stopped), then
-    of the MLE in batches, and the MLE's exact recovery on noiseless photometry."""
+    of the MLE in batches, and the MLE's exact recovery on noiseless photometry. clusters: indices into the n
+    simulated clusters to time (default all n)."""
     theta, fs, rs, d, pr, f = simulated_clusters(n, seed)
+    if clusters is not None:
+        fs, rs, d = fs[clusters], rs[clusters], d[clusters]
+        n = len(clusters)
     mods = [("this", gp)] + ([("baseline", load_module(baseline))] if baseline else [])
     for _, mod in mods:
         mod._linear_fit(mod._table())                 # one-off table preparation, not per cluster
@@ -66,12 +71,20 @@ def bench_speed(n, seed, baseline=None, max_evaluated=3e8):
             walls += time.perf_counter() - t0
             post = None
     print(f"(CPU time per cluster; wall time was {walls / times.sum():.2f}x that on this machine)")
+    which = f"{n} prior clusters" if clusters is None else f"clusters {','.join(map(str, clusters))} of the prior set"
     for j, (name, _) in enumerate(mods):
         t = times[j]
-        print(f"exact posterior ({name}), full 1 Myr age grid, {n} prior clusters (seed {seed}), one core: median "
+        print(f"exact posterior ({name}), full 1 Myr age grid, {which} (seed {seed}), one core: median "
               f"{np.median(t):.2f} s, mean {t.mean():.2f} s, 90th pct {np.percentile(t, 90):.2f} s, max {t.max():.2f} s; "
               f"<= 1 s for {np.mean(t <= 1):.0%}; {failed[j].sum()} over max_evaluated = {max_evaluated:.0e} or the cap"
-              + (f"; median cells kept {int(np.median(ncell))}" if j == 0 else ""))
+              + (f"; median cells kept {int(np.median(ncell))}" if j == 0 and ncell else ""))
+    if len(mods) == 2:
+        r = times[0] / times[1]
+        print(f"time ratio this / baseline per cluster: median {np.median(r):.2f}, min {r.min():.2f}, max {r.max():.2f}; "
+              f"median / median {np.median(times[0]) / np.median(times[1]):.2f}, "
+              f"max / max {times[0].max() / times[1].max():.2f}")
+    if not mle:
+        return
     nm = max(n, 512)
     theta, fs, rs, d, pr, f = simulated_clusters(nm, seed + 1)
     for name, mod in mods:
@@ -229,6 +242,9 @@ def main(argv=None):
     ap.add_argument("--baseline", default=None,
                     help="another grid_posterior.py (e.g. from `git show REV:grid_posterior.py`): time it too, "
                          "alternating on the same clusters")
+    ap.add_argument("--clusters", default=None,
+                    help="comma-separated indices into the --n clusters of --seed: time only these (exact posterior "
+                         "only, no MLE or convergence run), e.g. the broad ones")
     ap.add_argument("--resolution", type=float, default=2.0,
                     help="with --cluster/--broad/--sbc (the SBC retries a cluster over the cap at 1)")
     args = ap.parse_args(argv)
@@ -253,6 +269,9 @@ def main(argv=None):
     if args.sbc:
         sbc(args.sbc, args.seed, args.likelihood, save=args.save, start=args.start,
             resolutions=(args.resolution, 1.0) if args.resolution != 1.0 else (1.0,))
+        return
+    if args.clusters:
+        bench_speed(args.n, args.seed, args.baseline, clusters=[int(c) for c in args.clusters.split(",")], mle=False)
         return
     bench_speed(args.n, args.seed, args.baseline)
     bench_convergence(max(args.n // 4, 3), args.seed)

@@ -60,6 +60,7 @@ DEFAULT_CONFIG = dict(
     final_init=0.1,   # scale of the subnets' last layer at init (small: blocks start close to identity)
     perm_seed=0,      # seed of the fixed permutations
     floor_scale=0.0,  # > 0: log-mass transform with the noise model's mass floor at this scale in dex
+    ridge=False,      # log-mass transform centred on the mass the photometry implies (preprocess docstring)
                       # (preprocess docstring; 0 = the plain transform of the paper)
 )
 
@@ -218,6 +219,7 @@ class CINN(nn.Module):
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         age_rng = np.random.default_rng([int(seed), 1])       # the bin re-draws: their own generator
         out = np.empty((N, n, D), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
+        mt = preprocess.mass_transform(self.config)
         per = max(1, batch_rows // max(n, 1))          # clusters per batch
         for i in range(0, N, per):
             c = self.condition(xt[i:i + per])
@@ -228,9 +230,9 @@ class CINN(nn.Module):
                                for zz in z.split(batch_rows)])
             else:
                 u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
-            if self.config["floor_scale"] > 0:   # the floor depends on x and the model table: NumPy, float64
+            if preprocess._conditional(x, **mt):   # floor / ridge depend on x and the model table: NumPy, float64
                 xr = np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
-                theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, self.config["floor_scale"])
+                theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, **mt)
             else:
                 theta = self.u_to_theta(u).double().cpu().numpy()
             if age_bins:
@@ -256,13 +258,13 @@ class CINN(nn.Module):
         theta = theta.reshape(-1, self.config["dim_theta"])
         if len(theta) != len(x):
             raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
-        scale = self.config["floor_scale"]
+        mt = preprocess.mass_transform(self.config)
         bounds = preprocess.THETA_BOUNDS
         inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
-        if scale > 0:
+        if mt["scale"] > 0:
             inside &= ~preprocess.below_floor(theta, x)
-        u = preprocess.theta_to_u(theta, x, scale)
-        log_du = preprocess.log_du_dtheta(theta, x, scale)
+        u = preprocess.theta_to_u(theta, x, **mt)
+        log_du = preprocess.log_du_dtheta(theta, x, **mt)
         if age_bins:   # log Q(k, m, E) + log(t' ln 10): integral over the bin's u_0 range, then uniform in t'
             edges = np.zeros((len(u), 2, 3))
             edges[..., 0] = np.column_stack(preprocess.age_bin_edges(theta[:, 0]))

@@ -25,6 +25,18 @@ so the density ends smoothly in u; a few s above the floor the term vanishes and
 triangular (a depends on t' and E only), so its log-Jacobian is still the sum of the three diagonal terms; the
 mass is recovered from u_m by a bracketed bisection.
 
+The mass ridge (optional, `ridge=True` with x): at a given (t', E(B-V)) the photometry fixes the mass to within
+the combined photometric precision, m ~ c(t', E) +- w with, per band, s_b^2 = ln(1 + r*_b^2) and
+    c = sum_b w_b (log10 f*_b + s_b^2 / (2 ln 10) - log10 F_b(round(t'), E, d)) / sum_b w_b,   w_b = 1 / s_b^2,
+    w = 1 / (ln 10 sqrt(sum_b w_b))                                                         (dex),
+(each band's mass estimate, corrected for E[ln f*] = ln f - s^2/2, weighted by its precision). With precise
+photometry the posterior is a thin sheet m ~ c(t', E) that tilts with E(B-V) and jumps from one 1 Myr age bin to
+the next (F_b depends on the integer age), which a smooth flow can only approximate. The ridge term
+    u_m = [plain + floor terms] + (m - c(t', E)) / w
+straightens that sheet: in u the mass given (t', E) is close to a standard normal for every (t', E). The term
+is increasing in m and depends on t' and E only through c, so the map stays triangular (log-Jacobian: the
+diagonal); the mass is recovered by safeguarded Newton steps inside the bracket [floor, 8].
+
 CLI:  python preprocess.py --sim sim.npz --out DIR [--n-val N] [--n-test N] [--seed S]
       writes DIR/train.npz, DIR/val.npz, DIR/test.npz (train.npz also keeps the noiseless 10 pc fluxes and the
       integer ages, so that train.py --online can re-draw distance and noise every epoch).
@@ -36,6 +48,8 @@ import time
 
 import numpy as np
 from scipy.special import ndtr, ndtri
+
+LN10 = np.log(10.0)
 
 BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")  # same order as simulate.BANDS
 THETA_NAMES = ("log10_age_myr", "log10_mass", "ebv")
@@ -75,19 +89,39 @@ def rejitter_age(log_age, rng):
     return np.log10(jitter_age(age_bin(log_age), rng))
 
 
+def _log_flux_per_msun(log_age, ebv, x):
+    """log10 F_b(round(t'), E(B-V), d) (..., 5): the model band fluxes [mJy] per Msun formed at x's distance."""
+    import simulate
+    x = np.asarray(x, dtype=np.float64)
+    k = age_bin(log_age)
+    e = np.clip(ebv, EBV_BOUNDS[0], EBV_BOUNDS[1])
+    return np.log10(simulate.model_flux(k, e, 0.0, x[..., 10]))
+
+
 def log_mass_floor(log_age, ebv, x):
     """Lowest log10 m0 the noise model allows (module docstring), clipped to [2, 8 - FLOOR_GAP].
 
     log_age: log10 t' (the jittered label; the photometry is that of the bin round(t')), ebv, and x (..., 11)
     the network inputs (log10 f*, r*, d), all broadcast against each other."""
-    import simulate
     x = np.asarray(x, dtype=np.float64)
-    k = age_bin(log_age)
-    e = np.clip(ebv, EBV_BOUNDS[0], EBV_BOUNDS[1])
-    per_msun = simulate.model_flux(k, e, 0.0, x[..., 10])                 # F_b(t, E, d) per Msun formed
-    sigma = x[..., 5:10] * 10.0 ** x[..., 0:5]                             # sigma_b = r*_b f*_b
-    floor = np.log10(np.max(2.0 * sigma / per_msun, axis=-1))
+    with np.errstate(divide="ignore"):                                     # r* = 0: no floor from that band
+        log_sigma = np.log10(x[..., 5:10]) + x[..., 0:5]                   # sigma_b = r*_b f*_b
+        floor = np.max(np.log10(2.0) + log_sigma - _log_flux_per_msun(log_age, ebv, x), axis=-1)
     return np.clip(floor, THETA_BOUNDS[1, 0], THETA_BOUNDS[1, 1] - FLOOR_GAP)
+
+
+RIDGE_MIN_S2 = 1e-12   # ln-flux variance floor of one band in the ridge weights (r* = 0 would weigh infinitely)
+
+
+def log_mass_ridge(log_age, ebv, x):
+    """Centre c (log10 m0) and width w (dex) of the mass the photometry implies at (t', E(B-V)) (module
+    docstring, the mass ridge); arguments as log_mass_floor. w depends on x only."""
+    x = np.asarray(x, dtype=np.float64)
+    s2 = np.maximum(np.log1p(x[..., 5:10] ** 2), RIDGE_MIN_S2)             # ln f* variance per band
+    weight = 1.0 / s2
+    est = x[..., 0:5] + s2 / (2.0 * LN10) - _log_flux_per_msun(log_age, ebv, x)
+    centre = np.sum(weight * est, axis=-1) / np.sum(weight, axis=-1)
+    return centre, 1.0 / (LN10 * np.sqrt(np.sum(weight, axis=-1)))
 
 
 M_LO, M_HI = THETA_BOUNDS[1]
@@ -108,81 +142,122 @@ def _floor_term(w, scale):
     return np.log(-np.expm1(-np.maximum(w, 1e-12) / scale))
 
 
-def _mass_u(m, a, scale):
-    """u_m of the module docstring: the plain log-mass transform plus the floor term."""
-    return _plain_mass_u(m) + _floor_term(m - a, scale)
-
-
-def _log_mass_du(m, a, scale):
-    """log du_m/dm: 1 / (6 phi(u0)) + (1/scale) / (exp((m - a)/scale) - 1), both terms positive."""
-    plain = -np.log(M_HI - M_LO) + 0.5 * _plain_mass_u(m) ** 2 + 0.5 * np.log(2.0 * np.pi)
-    edge = -np.log(scale) - np.log(np.expm1(np.maximum(m - a, 1e-12) / scale))
-    return np.logaddexp(plain, edge)
-
-
-def _mass_from_u(u, a, scale, tol=1e-12):
-    """Inverse of _mass_u on [a, 8] by bisection (u_m increases with m). The floor term h <= 0 brackets the
-    root: m >= lo = max(a, m_plain(u)), and since h rises with m, m <= hi = m_plain(u - h(lo - a)), where
-    m_plain = _plain_mass inverts the plain transform; far above the floor the bracket is already tight."""
-    lo = np.maximum(a, _plain_mass(u))
-    hi = np.maximum(lo, _plain_mass(u - _floor_term(lo - a, scale)))
-    for _ in range(64):
-        if np.size(lo) == 0 or np.max(hi - lo) < tol:
-            break
-        mid = 0.5 * (lo + hi)
-        up = _mass_u(mid, a, scale) < u
-        lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
-    return 0.5 * (lo + hi)
-
-
-def _floored(x, scale):
-    """Whether the transforms use the mass floor: given the observation x and a scale > 0."""
-    return x is not None and scale > 0
-
-
-def theta_to_u(theta, x=None, scale=FLOOR_SCALE):
-    """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
-    With x and scale > 0, log mass gets the floor term of the module docstring (-> -inf at the floor of
-    theta's t', E); x None or scale 0 is the plain transform."""
-    theta = _check_theta(theta)
-    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
-    u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
-    if _floored(x, scale):
-        floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
-        u[..., 1] = _mass_u(theta[..., 1], floor, scale)
+def _mass_u(m, a, scale, ridge=None):
+    """u_m of the module docstring: the plain log-mass transform, plus the floor term (scale > 0, floor a),
+    plus the ridge term (m - c) / w (ridge = (c, w))."""
+    u = _plain_mass_u(m)
+    if scale > 0:
+        u = u + _floor_term(m - a, scale)
+    if ridge is not None:
+        u = u + (m - ridge[0]) / ridge[1]
     return u
 
 
-def u_to_theta(u, x=None, scale=FLOOR_SCALE):
+def _log_mass_du(m, a, scale, ridge=None):
+    """log du_m/dm, a sum of positive terms: 1 / (6 phi(u0)), (1/scale) / (exp((m - a)/scale) - 1), 1 / w."""
+    out = -np.log(M_HI - M_LO) + 0.5 * _plain_mass_u(m) ** 2 + 0.5 * np.log(2.0 * np.pi)
+    if scale > 0:
+        out = np.logaddexp(out, -np.log(scale) - np.log(np.expm1(np.maximum(m - a, 1e-12) / scale)))
+    if ridge is not None:
+        out = np.logaddexp(out, -np.log(ridge[1]))
+    return out
+
+
+def _mass_from_u(u, a, scale, ridge=None, tol=1e-12):
+    """Inverse of _mass_u on [a, 8] (u_m increases with m).
+
+    Floor only: bisection in a bracket from the floor term h <= 0: m >= lo = max(a, m_plain(u)), and since h
+    rises with m, m <= hi = m_plain(u - h(lo - a)) (m_plain = _plain_mass inverts the plain transform); far
+    above the floor the bracket is already tight. With the ridge: Newton steps from m = c + w (u - u_plain(c)),
+    each kept inside the bracket [a, 8] that the signs of the residuals shrink (a bisection where Newton
+    would leave it), until the bracket or the step is below tol."""
+    if ridge is None:
+        lo = np.maximum(a, _plain_mass(u))
+        hi = np.maximum(lo, _plain_mass(u - _floor_term(lo - a, scale)))
+        for _ in range(64):
+            if np.size(lo) == 0 or np.max(hi - lo) < tol:
+                break
+            mid = 0.5 * (lo + hi)
+            up = _mass_u(mid, a, scale) < u
+            lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
+        return 0.5 * (lo + hi)
+    c, w = ridge
+    lo = np.broadcast_to(np.asarray(a, dtype=np.float64), np.shape(u)).copy()
+    hi = np.full(np.shape(u), M_HI)
+    m = np.clip(c + w * (u - _plain_mass_u(c)), lo, hi)
+    for _ in range(100):
+        g = _mass_u(m, a, scale, ridge) - u
+        lo, hi = np.where(g < 0, m, lo), np.where(g < 0, hi, m)
+        step = g / np.exp(_log_mass_du(m, a, scale, ridge))
+        new = m - step
+        out = ~((new > lo) & (new < hi))
+        new = np.where(out, 0.5 * (lo + hi), new)
+        done = (np.abs(new - m) < tol) | (hi - lo < tol)
+        m = new
+        if np.all(done):
+            break
+    return m
+
+
+def _conditional(x, scale, ridge):
+    """Whether the log-mass transform depends on x: given x, with the floor (scale > 0) or the ridge."""
+    return x is not None and (scale > 0 or ridge)
+
+
+def _mass_terms(theta, x, scale, ridge):
+    """The floor a (2 without the floor term) and the ridge (c, w) or None at theta's (t', E(B-V))."""
+    a = log_mass_floor(theta[..., 0], theta[..., 2], x) if scale > 0 else np.full(theta.shape[:-1], M_LO)
+    return a, (log_mass_ridge(theta[..., 0], theta[..., 2], x) if ridge else None)
+
+
+def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False):
+    """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
+    With x: log mass gets the floor term (scale > 0; -> -inf at the floor of theta's t', E) and the ridge term
+    (ridge=True) of the module docstring; x None, or scale 0 and no ridge, is the plain transform."""
+    theta = _check_theta(theta)
+    a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
+    u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
+    if _conditional(x, scale, ridge):
+        floor, rg = _mass_terms(theta, x, scale, ridge)
+        u[..., 1] = _mass_u(theta[..., 1], floor, scale, rg)
+    return u
+
+
+def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False):
     """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x, age and E(B-V) first, then the mass above
-    the floor they set."""
+    the floor (and about the ridge) they set."""
     u = _check_theta(u)
     theta = THETA_BOUNDS[:, 0] + (THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]) * ndtr(u)
-    if _floored(x, scale):
-        floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
-        theta[..., 1] = _mass_from_u(u[..., 1], floor, scale)
+    if _conditional(x, scale, ridge):
+        floor, rg = _mass_terms(theta, x, scale, ridge)
+        theta[..., 1] = _mass_from_u(u[..., 1], floor, scale, rg)
     return theta
 
 
-def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE):
+def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False):
     """The diagonal of the transform's Jacobian, log du_i/dtheta_i (..., 3): du/dtheta = 1 / ((b - a) phi(u)),
-    phi the standard normal density; with x the log-mass term is that of the floor transform."""
+    phi the standard normal density; with x the log-mass term is that of the floor / ridge transform."""
     theta = _check_theta(theta)
     u = theta_to_u(theta)
     width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
     terms = -np.log(width) + 0.5 * u ** 2 + 0.5 * np.log(2.0 * np.pi)
-    if _floored(x, scale):
-        floor = log_mass_floor(theta[..., 0], theta[..., 2], x)
-        terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale)
+    if _conditional(x, scale, ridge):
+        floor, rg = _mass_terms(theta, x, scale, ridge)
+        terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale, rg)
     return terms
 
 
-def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE):
-    """sum_i log|du_i/dtheta_i| (N,) (the Jacobian is triangular, also with the floor: a sum of the diagonal).
-
-    p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
+def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False):
+    """sum_i log|du_i/dtheta_i| (N,) (the Jacobian is triangular, also with the floor and the ridge: a sum of
+    the diagonal).  p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
     """
-    return np.sum(log_du_dtheta(theta, x, scale), axis=-1)
+    return np.sum(log_du_dtheta(theta, x, scale, ridge), axis=-1)
+
+
+def mass_transform(config):
+    """The log-mass transform options of a model config (keyword arguments of theta_to_u and the others);
+    configs written before the ridge existed have none."""
+    return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)))
 
 
 def below_floor(theta, x, tol=1e-6):

@@ -76,17 +76,19 @@ def test_density_of_random_model_integrates_to_one_in_u_space():
     assert float(torch.max(torch.abs(logp - std_normal)[std_normal > -6])) > 0.5
 
 
-@pytest.mark.parametrize("floor_scale", [0.0, 0.1])
-def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale):
+@pytest.mark.parametrize("floor_scale,ridge", [(0.0, False), (0.1, False), (0.0, True)])
+def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge):
     """3-D histogram of sample() vs exp(log_prob) integrated over the same bins (physical coordinates).
 
     Bins cover the central 80 % of each axis: there the physical density is smooth and a midpoint rule is
-    accurate (near the bounds it can diverge like 1/phi(u), which a coarse quadrature cannot follow).
+    accurate (near the bounds it can diverge like 1/phi(u), which a coarse quadrature cannot follow). With the
+    ridge the mass lies within a few widths w of the ridge c(t', E): the mass axis is then v = (m - c) / w in
+    [-4, 4] (density p(t', c + w v, E) w; c is constant inside an age bin and moves little between bins).
     """
-    model = random_model(5, floor_scale=floor_scale)
+    model = random_model(5, floor_scale=floor_scale, ridge=ridge)
     rng = np.random.default_rng(5)
     x = random_x(rng, 1)
-    if floor_scale:         # a cluster whose floor cuts through the box tested below
+    if floor_scale or ridge:     # a cluster whose floor (ridge) cuts through the box tested below
         x[0, :5], x[0, 5:10], x[0, 10] = [-5.0, -5.2, -5.1, -5.0, -4.8], 0.3, 10.0
     n = 200_000
     s = model.sample(x, n, seed=7)[0]
@@ -98,12 +100,21 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale):
     if floor_scale:
         assert 0.2 < np.mean(floor > 2.5) and np.mean(floor > 7.9) < 0.05
     lo_in, hi_in = lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)
+    if ridge:
+        c, w = pp.log_mass_ridge(s[:, 0], s[:, 2], x[0])
+        assert np.mean(np.abs(s[:, 1] - c) < 5 * w) > 0.7 and w < 0.2       # the samples follow the ridge
+        s = s.copy()
+        s[:, 1] = (s[:, 1] - c) / w
+        lo_in[1], hi_in[1] = -4.0, 4.0
     nb, sub = 5, 12                       # 5 bins per axis, 12^3 midpoints per bin
     edges = [np.linspace(lo_in[i], hi_in[i], nb + 1) for i in range(3)]
     hist = np.histogramdd(s, bins=edges)[0] / n
     mids = [lo_in[i] + (np.arange(nb * sub) + 0.5) * (hi_in[i] - lo_in[i]) / (nb * sub) for i in range(3)]
     pts = np.stack(np.meshgrid(*mids, indexing="ij"), -1).reshape(-1, 3)
-    dens = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0)))
+    if ridge:
+        c, w = pp.log_mass_ridge(pts[:, 0], pts[:, 2], x[0])
+        pts[:, 1] = c + w * pts[:, 1]
+    dens = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0))) * (w if ridge else 1.0)
     cell = np.prod((hi_in - lo_in) / (nb * sub))
     prob = (dens * cell).reshape(nb, sub, nb, sub, nb, sub).sum(axis=(1, 3, 5))
     assert prob.sum() > 0.3                 # a good share of the mass is tested

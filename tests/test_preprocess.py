@@ -196,3 +196,55 @@ def test_mass_floor_transform_round_trip_and_triangular_jacobian():
             interior += 1
         np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i]), np.linalg.slogdet(jac)[1], atol=1e-3)
     assert interior >= 5
+
+
+def test_mass_ridge_is_the_mass_the_photometry_implies():
+    """Noiseless photometry with tiny errors: the ridge centre at the true (age bin, E(B-V)) is the true mass
+    and its width the combined precision; with the noise model the truth lies O(1) widths from the centre."""
+    simulate = pytest.importorskip("simulate")
+    sim = simulate.simulate(300, seed=5)
+    rng = np.random.default_rng(5)
+    d = rng.uniform(1, 30, 300)
+    f = sim["flux_10pc_mjy"] * (pp.PC10_IN_MPC / d[:, None]) ** 2
+    r = np.full_like(f, 1e-4)
+    x = pp.make_x(f, r, d)
+    c, w = pp.log_mass_ridge(np.log10(sim["age_myr"] + rng.uniform(-0.5, 0.5, 300)), sim["ebv"], x)
+    np.testing.assert_allclose(c, sim["log10_mass"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(w, 1e-4 / np.sqrt(5) / np.log(10), rtol=1e-6)
+    obs = physical_obs(3000, 6)
+    c, w = pp.log_mass_ridge(obs["theta"][:, 0], obs["theta"][:, 2], obs["x"])
+    v = (obs["theta"][:, 1] - c) / w
+    assert 0.8 < np.std(v) < 1.6 and abs(np.mean(v)) < 1.0 and np.max(np.abs(v)) < 10
+    assert np.median(w) < 0.06          # while the mass itself spans 6 dex of prior
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1])
+def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale):
+    obs = physical_obs(300, 7)
+    rng = np.random.default_rng(7)
+    x = obs["x"]
+    theta = random_theta(rng, len(x))
+    theta[::2] = obs["theta"][::2]                   # half at the true (t', E): there the ridge is in the prior
+    c, w = pp.log_mass_ridge(theta[:, 0], theta[:, 2], x)
+    lo = pp.log_mass_floor(theta[:, 0], theta[:, 2], x) if scale else np.full(len(x), 2.0)
+    near = c + w * rng.normal(0, 2, len(x))                                  # on the ridge, where it is inside
+    on = (np.arange(len(x)) % 2 == 0) & (near > lo + 0.05) & (near < 7.9)
+    theta[:, 1] = np.where(on, near, lo + (8.0 - lo) * rng.uniform(0.01, 0.99, len(x)))
+    u = pp.theta_to_u(theta, x, scale, ridge=True)
+    assert np.all(np.isfinite(u))
+    np.testing.assert_allclose(pp.u_to_theta(u, x, scale, ridge=True), theta, rtol=0, atol=1e-10)
+    assert on.sum() > 60 and np.std(u[on, 1]) < 4           # the ridge term makes the mass near c O(1) in u
+    up = theta.copy()
+    up[:, 1] = np.minimum(theta[:, 1] + 1e-4, 8.0)
+    assert np.all(pp.theta_to_u(up, x, scale, ridge=True)[:, 1] > u[:, 1])            # increasing in m
+    h = 1e-7
+    for i in range(0, len(x), 10):               # full 3x3 Jacobian by central differences, its log|det|
+        jac = np.empty((3, 3))
+        for j in range(3):
+            step = np.zeros(3)
+            step[j] = h
+            jac[:, j] = (pp.theta_to_u(theta[i] + step, x[i], scale, True)
+                         - pp.theta_to_u(theta[i] - step, x[i], scale, True)) / (2 * h)
+        assert jac[0, 1] == 0 and jac[2, 1] == 0                               # triangular
+        np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, True), np.linalg.slogdet(jac)[1],
+                                   atol=1e-4)

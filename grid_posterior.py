@@ -343,7 +343,7 @@ def _quadratic_t_interval(p, q, cmb, thr):
         empty = np.where(tiny, (c0 > 0) & (a12 == 0), a12 * a12 - a22 * c0 < 0)
     lo, hi = np.maximum(lo, 0.0), np.minimum(hi, 1.0)
     empty |= lo > hi
-    return np.where(empty, np.inf, lo).min(axis=-1), np.where(empty, -np.inf, hi).max(axis=-1)
+    return _cols(np.minimum, np.where(empty, np.inf, lo)), _cols(np.maximum, np.where(empty, -np.inf, hi))
 
 
 def _screen_segments(prep, off, cmb, win, thr, chunk=2000):
@@ -376,6 +376,15 @@ def _screen_segments(prep, off, cmb, win, thr, chunk=2000):
         for lst, val in zip(out, (kk[a[ok]], j[ok], lo[ok], hi[ok])):
             lst.append(val)
     return tuple(np.concatenate(x) for x in out)
+
+
+def _cols(op, x):
+    """op (np.minimum or np.maximum) reduced over the last axis of x (n, few), one column at a time: the same
+    values as x.min/max(axis=1), ~4x faster for a handful of columns."""
+    out = x[:, 0].copy()
+    for c in range(1, x.shape[1]):
+        op(out, x[:, c], out=out)
+    return out
 
 
 EBV_OVERSAMPLE = 3     # sheared cells: E(B-V) cells per profile sd = EBV_OVERSAMPLE * resolution (see _rows)
@@ -426,13 +435,13 @@ def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
     rb = cmb["top"] - 0.5 * n2
     half = np.sqrt(np.maximum(2.0 * (rb - thr) / W, 0.0))
     good = rb >= thr
-    lo = np.maximum(np.where(good, -zbar - half, np.inf).min(axis=1), np.max(win[0] - a, axis=1))
-    hi = np.minimum(np.where(good, -zbar + half, -np.inf).max(axis=1), np.min(win[1] - a, axis=1))
+    lo = np.maximum(_cols(np.minimum, np.where(good, -zbar - half, np.inf)), _cols(np.maximum, win[0] - a))
+    hi = np.minimum(_cols(np.maximum, np.where(good, -zbar + half, -np.inf)), _cols(np.minimum, win[1] - a))
     lo = np.maximum(lo, LOG_MASS_RANGE[0] * LN10)
     hi = np.minimum(hi, LOG_MASS_RANGE[1] * LN10)
     ok = hi > lo
     shear = -c_seg[sid] / de[j]                                    # d mu' / d E(B-V) inside a cell
-    lmax = np.where(good, rb, -np.inf).max(axis=1)                 # >= L of every cell of the row
+    lmax = _cols(np.maximum, np.where(good, rb, -np.inf))          # >= L of every cell of the row
     return k[ok] + 1, ebv[ok], dee[ok], a[ok], lo[ok], hi[ok], shear[ok], lmax[ok]
 
 
@@ -481,7 +490,7 @@ def _cell_logw(log_h, rows, i, L):
     first cells of a row (i < EDGE_SPLIT) are EDGE_SPLIT times narrower."""
     logw = log_h[rows]
     logw += L
-    np.subtract(logw, np.log(EDGE_SPLIT), out=logw, where=i < EDGE_SPLIT)
+    logw -= np.log(EDGE_SPLIT) * (i < EDGE_SPLIT)                   # minus 0.0 for the full cells
     return logw
 
 
@@ -798,7 +807,7 @@ def _cell_cdf(c, h, w, tent, x0, x1, step, shift=None, tent_shift=None, chunk=1 
     chunks = [slice(s0, s0 + chunk) for s0 in range(0, len(c), chunk)]   # the temporaries stay in cache
     shift_of = (lambda sl: None) if shift is None else \
         (lambda sl: shift[0][sl] * shift[1][sl]) if isinstance(shift, tuple) else (lambda sl: shift[sl])
-    ext = max((np.max(np.abs(shift_of(sl)) * np.where(tent_shift[sl], 2.0, 1.0) + h[sl]) for sl in chunks),
+    ext = max((np.max(np.abs(shift_of(sl)) * (1.0 + tent_shift[sl]) + h[sl]) for sl in chunks),
               default=0.0) if shift is not None else 0.0
     pad = int(np.ceil(max(ext, np.max(h, initial=0.0)) / step)) + 2
     n = n_out + 2 * pad
@@ -817,14 +826,14 @@ def _cell_terms(c, h, w, tent, shift, tent_shift, xstart, step, jumps, kinks):
     """Add the cells' density jumps (boxes) and slope jumps (trapezoids) to the grid arrays (see _cell_cdf)."""
     n = len(jumps) - 1
     idx = lambda v: np.clip(np.rint((v - xstart) / step).astype(np.int64), 0, n)
-    g2 = np.zeros_like(h) if shift is None else shift * shift * np.where(tent_shift, 2.0, 1.0)
+    g2 = np.zeros_like(h) if shift is None else shift * shift * (1.0 + tent_shift)   # x2 for a tent
     b = ~tent & (g2 < step ** 2)                                     # plain boxes
     if b.any():
         jumps += np.bincount(idx(c[b] - h[b] / 2), w[b] / h[b], n + 1)
         jumps -= np.bincount(idx(c[b] + h[b] / 2), w[b] / h[b], n + 1)
         t = ~b                                                       # trapezoids (incl. tents)
         c, h, w, tent, g2 = c[t], h[t], w[t], tent[t], g2[t]
-    a2 = np.sqrt(np.where(tent, h * h, 0.0) + g2)                     # box(h) * box(a2)
+    a2 = np.sqrt(h * h * tent + g2)                                  # box(h) * box(a2); h^2 for a tent
     ic = idx(c)
     iq = np.rint(np.abs(h - a2) / (2 * step)).astype(np.int64)
     ip = np.maximum(np.rint((h + a2) / (2 * step)).astype(np.int64), iq + 1)     # symmetric on the grid

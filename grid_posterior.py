@@ -485,21 +485,21 @@ def _cell_geometry(i, lo, hr):
     return mu, w
 
 
-def _cell_logw(log_h, rows, i, L):
-    """Log weight of cells (prior x volume x likelihood) from their row, index in the row and L: the split
-    first cells of a row (i < EDGE_SPLIT) are EDGE_SPLIT times narrower."""
-    logw = log_h[rows]
+def _cell_logw(log_h, i, L):
+    """Log weight of cells (prior x volume x likelihood) from their row's log_h (per cell; modified), index in
+    the row and L: the split first cells of a row (i < EDGE_SPLIT) are EDGE_SPLIT times narrower."""
+    logw = log_h
     logw += L
     logw -= np.log(EDGE_SPLIT) * (i < EDGE_SPLIT)                   # minus 0.0 for the full cells
     return logw
 
 
-def _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr=-np.inf, chunk=50_000):
+def _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr=-np.inf, chunk=50_000, row0=0):
     """Log-likelihood on a midpoint grid in mu' = ln m for each row (linear interpolation in the per-band
     tables); the rows' cells as _row_grid made them (m cells per row, full width hrow, first cell split in
     EDGE_SPLIT: where the support edge binds the likelihood may jump there and fall steeply). Yields, per chunk
-    of ~`chunk` cells with L >= thr: row index, index of the cell in its row, L, and the log weight
-    (row_logw + ln width + L: prior x volume x likelihood, _cell_logw)."""
+    of ~`chunk` cells with L >= thr: row index + row0 and index of the cell in its row (int32), L, and the log
+    weight (row_logw + ln width + L: prior x volume x likelihood, _cell_logw)."""
     ends = np.cumsum(m)
     # per band, the table position of each cell: u = (a_b + mu' - y0_b) / step_b = base_b[row] + mu' / step_b
     base = [(a[:, b] - y0) / step for b, (y0, step, t, dt) in enumerate(tabs)]
@@ -508,12 +508,13 @@ def _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr=-np.inf, chunk=50_000):
         base0 = ends[r0 - 1] if r0 else 0
         r1 = max(int(np.searchsorted(ends, base0 + chunk, side="right")), r0 + 1)
         cnt = m[r0:r1]                              # per-row values to cells: np.repeat (rows are runs)
-        rows = np.repeat(np.arange(r0, r1), cnt)
-        i = base0 + np.arange(len(rows)) - np.repeat(ends[r0:r1] - cnt, cnt)
+        start = ends[r0:r1] - cnt - base0           # each row's first cell in the chunk
+        rows = np.repeat(np.arange(row0 + r0, row0 + r1, dtype=np.int32), cnt)
+        i = np.arange(len(rows), dtype=np.int32) - np.repeat(start.astype(np.int32), cnt)
         mu = i - (EDGE_SPLIT - 1.5)                 # mu' as _cell_geometry, the split cells set per row
         mu *= np.repeat(hrow[r0:r1], cnt)
         mu += np.repeat(lo[r0:r1], cnt)
-        first = (ends[r0:r1] - cnt - base0)[:, None] + np.arange(EDGE_SPLIT)
+        first = start[:, None] + np.arange(EDGE_SPLIT)
         mu[first] = lo[r0:r1, None] + (np.arange(EDGE_SPLIT) + 0.5) * (hrow[r0:r1] / EDGE_SPLIT)[:, None]
         L = np.zeros(len(rows))
         u = np.empty(len(rows))
@@ -527,8 +528,10 @@ def _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr=-np.inf, chunk=50_000):
             u += t[j]
             L += u
         keep = L >= thr                                             # below the pruning level: negligible
-        rows, i, L = rows[keep], i[keep], L[keep]
-        yield rows, i, L, _cell_logw(log_h, rows, i, L)
+        lw = np.repeat(log_h[r0:r1], cnt)
+        if not keep.all():
+            rows, i, L, lw = rows[keep], i[keep], L[keep], lw[keep]
+        yield rows, i, L, _cell_logw(lw, i, L)
         r0 = r1
 
 
@@ -742,7 +745,7 @@ def _exact_posterior(f, r, d, table, likelihood, resolution, tail, max_sub, keep
         m, hrow, log_h = _row_grid(lo, hi, h, row_logw)
         row_data.append((k, ebv, dee, shear, lo, hrow, m))
         r_off, n_rows = n_rows, n_rows + len(k)
-        for rows, i, L, logw in _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr):
+        for rows, i, L, logw in _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr, row0=r_off):
             n_eval += len(L)
             if max_evaluated is not None and n_eval > max_evaluated:
                 raise MemoryError(f"exact_posterior: this posterior needs more than max_evaluated = "
@@ -757,7 +760,7 @@ def _exact_posterior(f, r, d, table, likelihood, resolution, tail, max_sub, keep
                 log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
             if not sel.any():
                 continue
-            parts.append(((rows[sel] + r_off).astype(np.int32), i[sel].astype(np.int32), L[sel], logw[sel]))
+            parts.append((rows, i, L, logw) if sel.all() else (rows[sel], i[sel], L[sel], logw[sel]))
             n_kept += len(parts[-1][2])
             if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new level
                 n_kept, log_drop = _prune(parts, level, log_drop)

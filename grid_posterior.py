@@ -235,9 +235,9 @@ def _row_offsets(prep, flux, dist):
 
 def _seed_lower_bound(prep, off, rstar, likelihood):
     """A likelihood value actually attained (a lower bound on the maximum): Gaussian pre-fit on a sparse grid."""
-    A, n_age = prep["A"], prep["A"].shape[0]
-    ei = np.arange(0, A.shape[1], 5)
-    a = A[:, ei] + off                                        # (n_a, n_e', 5)
+    if "A_seed" not in prep:
+        prep["A_seed"] = np.ascontiguousarray(prep["A"][:, ::5])     # every 5th E(B-V) node
+    a = prep["A_seed"] + off                                  # (n_a, n_e', 5)
     w = 1.0 / np.log1p(rstar ** 2)
     mu = -(a @ w) / w.sum()
     chi = ((a + mu[..., None]) ** 2) @ w
@@ -539,15 +539,15 @@ def _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr=-np.inf, chunk=50_000, row0=
         first = start[:, None] + np.arange(EDGE_SPLIT)
         mu[first] = lo[r0:r1, None] + (np.arange(EDGE_SPLIT) + 0.5) * (hrow[r0:r1] / EDGE_SPLIT)[:, None]
         L = np.zeros(len(rows))
-        u = np.empty(len(rows))
+        u, g = np.empty(len(rows)), np.empty(len(rows))
         for b, (y0, step, t, dt) in enumerate(tabs):
             np.multiply(mu, 1.0 / step, out=u)
             u += np.repeat(base[b][r0:r1], cnt)
             np.clip(u, 0.0, len(t) - 1.0, out=u)
-            j = u.astype(np.int64)
+            j = u.astype(np.intp)                                   # truncation = floor (u >= 0)
             u -= j
-            u *= dt[j]
-            u += t[j]
+            u *= np.take(dt, j, out=g, mode="clip")                # (mode "raise" would buffer `out`)
+            u += np.take(t, j, out=g, mode="clip")
             L += u
         keep = L >= thr                                             # below the pruning level: negligible
         lw = np.repeat(log_h[r0:r1], cnt)
@@ -633,7 +633,7 @@ def _expand_cells(post, parts, n, rd, log_z, map_age):
         rows = rows.astype(np.intp)                                 # (int32 indices cost a conversion per use)
         for name, src in (("k", rd["k"]), ("ebv", rd["ebv"]), ("d_ebv", rd["dee"]), ("mass_shear", row_shear),
                           ("tent_ebv", row_tent_ebv)):
-            np.take(src, rows, out=out[name][sl])
+            np.take(src, rows, out=out[name][sl], mode="clip")     # rows are valid; "raise" buffers
         mu, width = _cell_geometry(i, rd["lo"][rows], rd["hrow"][rows])
         np.divide(mu, LN10, out=out["log10_mass"][sl])
         np.divide(width, LN10, out=out["d_log10_mass"][sl])

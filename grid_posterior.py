@@ -66,7 +66,7 @@ _PREP = {}
 # ----------------------------------------------------------------------------------------------------------
 # Model table and prior.
 
-MAX_CELLS = 60_000_000     # exact_posterior: at most this many kept quadrature cells (~140 B each: ~8.5 GB)
+MAX_CELLS = 60_000_000     # exact_posterior: at most this many kept quadrature cells (~100 B each: ~6 GB)
 
 def _table(table=None):
     """The model table: simulate.load_table() unless a dict with ebv_nodes and ln_flux (n_age, n_e, 5) is given."""
@@ -693,8 +693,9 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
     narrow directions, which the SBC HPD-rank test detects; quantiles change < 4e-3 from 1 to 2); tail: pruning
     depth in nats; keep: cells more than `keep` nats below the best are dropped (while evaluating, against
     the running best, so memory is bounded by the kept cells; their weight still counts in log_z).
-    max_cells: the most cells kept (~140 bytes each at the peak); a broader posterior raises MemoryError
-    instead of exhausting the machine's memory (a 24 GB run was OOM-killed before the pruning and the cap).
+    max_cells: the most cells kept (~100 bytes each at the peak: 24 while evaluating, 66 in the result dict);
+    a broader posterior raises MemoryError instead of exhausting the machine's memory (a 24 GB run was
+    OOM-killed before the pruning and the cap).
     max_evaluated: if given, the most cells evaluated (kept or pruned), a bound on the time (~1e7 cells/s);
     past it MemoryError too (a batch can skip the cluster instead of stalling on it for many minutes).
     drop: the share of the posterior probability the kept cells may leave out: half for the lightest evaluated

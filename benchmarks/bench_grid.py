@@ -70,6 +70,9 @@ def bench_speed(n, seed, baseline=None, max_evaluated=3e8, clusters=None, mle=Tr
             times[j, i] = time.process_time() - c0
             walls += time.perf_counter() - t0
             post = None
+        if clusters is not None:
+            print(f"  cluster {clusters[i]}: " + ", ".join(f"{name} {times[j, i]:.2f} s" for j, (name, _) in
+                                                         enumerate(mods)) + f"; {ncell[-1]} cells kept", flush=True)
     print(f"(CPU time per cluster; wall time was {walls / times.sum():.2f}x that on this machine)")
     which = f"{n} prior clusters" if clusters is None else f"clusters {','.join(map(str, clusters))} of the prior set"
     for j, (name, _) in enumerate(mods):

@@ -158,6 +158,42 @@ def test_too_broad_posterior_raises_memory_error_not_oom(table):
     assert len(big["prob"]) == n
 
 
+def test_cell_arrays_consistent_with_their_rows_and_summaries(table):
+    """The kept cells are stored compactly (row, index in the row) and expanded once at the end; check the
+    expansion against the per-cell definitions: prob = P(k) x volume x L / Z (one constant for all cells),
+    tent_ebv from the cell's E(B-V) extent, age_pmf and the MAP recomputed over the cells, and the E(B-V)
+    marginal (built from per-row sums) equal to the one built cell by cell."""
+    theta, fs, rs, d, k = simulate_obs(table, 3, np.random.default_rng(11))
+    e0, e1 = table["ebv_nodes"][0], table["ebv_nodes"][-1]
+    for post in gp.exact_posterior(fs, rs, d, table=table):
+        n_age = post["n_age"]
+        c = (np.log(post["prob"]) - post["log_like"] - gp.log_prior_age(n_age)[post["k"] - 1]
+             - np.log(post["d_ebv"] * post["d_log10_mass"]))
+        assert np.ptp(c) < 1e-9
+        assert abs(post["prob"].sum() - 1) < 1e-12
+        tent_ebv = (post["ebv"] - post["d_ebv"] / 2 > e0 + 1e-9) & (post["ebv"] + post["d_ebv"] / 2 < e1 - 1e-9)
+        assert np.array_equal(post["tent_ebv"], tent_ebv)
+        assert np.abs(post["age_pmf"] - np.bincount(post["k"] - 1, post["prob"], n_age)).max() < 1e-12
+        dens = post["log_like"] + gp.log_prior_age(n_age)[post["k"] - 1] + np.log(post["k"])
+        i = np.argmax(dens)
+        assert np.array_equal(post["map"], [np.log10(post["k"][i]), post["log10_mass"][i], post["ebv"][i]])
+        per_cell = dict(post)
+        gp._marginals(per_cell)
+        assert np.abs(per_cell["ebv_cdf"] - post["ebv_cdf"]).max() < 1e-9
+        assert np.array_equal(per_cell["mass_cdf"], post["mass_cdf"])
+
+
+def test_smallest_and_column_reductions_match_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=1000)
+    assert set(gp._smallest(x, 40)) == set(np.argsort(x)[:40])
+    x[np.argsort(x)[39:42]] = x[np.argsort(x)[39]]                     # a tie at the 40th value: falls back
+    assert np.array_equal(gp._smallest(x, 40), np.argsort(x)[:40])
+    y = rng.normal(size=(500, 7))
+    assert np.array_equal(gp._cols(np.minimum, y), y.min(axis=1))
+    assert np.array_equal(gp._cols(np.maximum, y), y.max(axis=1))
+
+
 def test_log_density_consistent_with_cells(table):
     """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label
     density t' ln 10 in log10 t' coordinates; -inf outside the prior."""

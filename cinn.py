@@ -61,6 +61,7 @@ DEFAULT_CONFIG = dict(
     perm_seed=0,      # seed of the fixed permutations
     floor_scale=0.0,  # > 0: log-mass transform with the noise model's mass floor at this scale in dex
     ridge=False,      # log-mass transform centred on the mass the photometry implies (preprocess docstring)
+    ebv_ridge=False,  # E(B-V) transform centred on the reddening the colours imply at the age
                       # (preprocess docstring; 0 = the plain transform of the paper)
 )
 
@@ -230,7 +231,7 @@ class CINN(nn.Module):
                                for zz in z.split(batch_rows)])
             else:
                 u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
-            if preprocess._conditional(x, **mt):   # floor / ridge depend on x and the model table: NumPy, float64
+            if preprocess.depends_on_x(x, **mt):   # floor / ridge depend on x and the model table: NumPy, float64
                 xr = np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
                 theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, **mt)
             else:

@@ -37,6 +37,12 @@ straightens that sheet: in u the mass given (t', E) is close to a standard norma
 is increasing in m and depends on t' and E only through c, so the map stays triangular (log-Jacobian: the
 diagonal); the mass is recovered by safeguarded Newton steps inside the bracket [floor, 8].
 
+The E(B-V) ridge (optional, `ebv_ridge=True`): likewise the colours fix E(B-V) in each age bin k to within
+their precision, E ~ e_c(k) +- w_e (ebv_from_colours: the weighted least-squares fit of the five log fluxes over
+(log10 m, E) with the model's reddening slopes), and that centre jumps between age bins too. So
+    u_E = Phi^-1(E / 1.5) + (E - e_c(round(t'))) / w_e.
+The order of the map is then t' -> E(B-V) -> mass (u_E depends on t', u_m on t' and E): still triangular.
+
 CLI:  python preprocess.py --sim sim.npz --out DIR [--n-val N] [--n-test N] [--seed S]
       writes DIR/train.npz, DIR/val.npz, DIR/test.npz (train.npz also keeps the noiseless 10 pc fluxes and the
       integer ages, so that train.py --online can re-draw distance and noise every epoch).
@@ -127,9 +133,21 @@ def log_mass_ridge(log_age, ebv, x):
 M_LO, M_HI = THETA_BOUNDS[1]
 
 
+def _plain_u(v, j):
+    """The plain transform of target j, Phi^-1((v - a_j) / (b_j - a_j)), clipped like theta_to_u."""
+    a, b = THETA_BOUNDS[j]
+    return ndtri(np.clip((v - a) / (b - a), EPS, 1.0 - EPS))
+
+
+def _log_plain_du(v, j):
+    """Its log-derivative, log 1 / ((b_j - a_j) phi(u))."""
+    a, b = THETA_BOUNDS[j]
+    return -np.log(b - a) + 0.5 * _plain_u(v, j) ** 2 + 0.5 * np.log(2.0 * np.pi)
+
+
 def _plain_mass_u(m):
-    """The plain log-mass transform Phi^-1((m - 2) / 6) (clipped like theta_to_u)."""
-    return ndtri(np.clip((m - M_LO) / (M_HI - M_LO), EPS, 1.0 - EPS))
+    """The plain log-mass transform Phi^-1((m - 2) / 6)."""
+    return _plain_u(m, 1)
 
 
 def _plain_mass(u):
@@ -155,7 +173,7 @@ def _mass_u(m, a, scale, ridge=None):
 
 def _log_mass_du(m, a, scale, ridge=None):
     """log du_m/dm, a sum of positive terms: 1 / (6 phi(u0)), (1/scale) / (exp((m - a)/scale) - 1), 1 / w."""
-    out = -np.log(M_HI - M_LO) + 0.5 * _plain_mass_u(m) ** 2 + 0.5 * np.log(2.0 * np.pi)
+    out = _log_plain_du(m, 1)
     if scale > 0:
         out = np.logaddexp(out, -np.log(scale) - np.log(np.expm1(np.maximum(m - a, 1e-12) / scale)))
     if ridge is not None:
@@ -163,14 +181,36 @@ def _log_mass_du(m, a, scale, ridge=None):
     return out
 
 
+def _solve_increasing(g, log_dg, u, lo, hi, start, tol=1e-12):
+    """The root m of g(m) = u for g increasing on [lo, hi] (arrays): Newton steps from `start`, each kept inside
+    the bracket that the signs of the residuals shrink (a bisection where Newton would leave it), until the
+    bracket or the step is below tol. g(m, i) and log_dg(m, i) evaluate at the entries i still iterating."""
+    shape = np.shape(u)
+    u = np.ravel(u)
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), shape).ravel().copy()
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), shape).ravel().copy()
+    m = np.clip(np.broadcast_to(start, shape).ravel(), lo, hi)
+    i = np.arange(len(u))
+    for _ in range(100):
+        if len(i) == 0:
+            break
+        mi, li, hi_i = m[i], lo[i], hi[i]
+        r = g(mi, i) - u[i]
+        li, hi_i = np.where(r < 0, mi, li), np.where(r < 0, hi_i, mi)
+        new = mi - r / np.exp(log_dg(mi, i))
+        new = np.where((new > li) & (new < hi_i), new, 0.5 * (li + hi_i))
+        m[i], lo[i], hi[i] = new, li, hi_i
+        i = i[(np.abs(new - mi) >= tol) & (hi_i - li >= tol)]
+    return m.reshape(shape)
+
+
 def _mass_from_u(u, a, scale, ridge=None, tol=1e-12):
     """Inverse of _mass_u on [a, 8] (u_m increases with m).
 
     Floor only: bisection in a bracket from the floor term h <= 0: m >= lo = max(a, m_plain(u)), and since h
     rises with m, m <= hi = m_plain(u - h(lo - a)) (m_plain = _plain_mass inverts the plain transform); far
-    above the floor the bracket is already tight. With the ridge: Newton steps from m = c + w (u - u_plain(c)),
-    each kept inside the bracket [a, 8] that the signs of the residuals shrink (a bisection where Newton
-    would leave it), until the bracket or the step is below tol."""
+    above the floor the bracket is already tight. With the ridge: _solve_increasing on [a, 8] from
+    m = c + w (u - u_plain(c))."""
     if ridge is None:
         lo = np.maximum(a, _plain_mass(u))
         hi = np.maximum(lo, _plain_mass(u - _floor_term(lo - a, scale)))
@@ -181,27 +221,67 @@ def _mass_from_u(u, a, scale, ridge=None, tol=1e-12):
             up = _mass_u(mid, a, scale) < u
             lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
         return 0.5 * (lo + hi)
-    c, w = ridge
-    lo = np.broadcast_to(np.asarray(a, dtype=np.float64), np.shape(u)).copy()
-    hi = np.full(np.shape(u), M_HI)
-    m = np.clip(c + w * (u - _plain_mass_u(c)), lo, hi)
-    for _ in range(100):
-        g = _mass_u(m, a, scale, ridge) - u
-        lo, hi = np.where(g < 0, m, lo), np.where(g < 0, hi, m)
-        step = g / np.exp(_log_mass_du(m, a, scale, ridge))
-        new = m - step
-        out = ~((new > lo) & (new < hi))
-        new = np.where(out, 0.5 * (lo + hi), new)
-        done = (np.abs(new - m) < tol) | (hi - lo < tol)
-        m = new
-        if np.all(done):
-            break
-    return m
+    c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge)
+    a = np.broadcast_to(a, np.shape(u)).ravel()
+    return _solve_increasing(lambda m, i: _mass_u(m, a[i], scale, (c[i], w[i])),
+                             lambda m, i: _log_mass_du(m, a[i], scale, (c[i], w[i])),
+                             u, a, M_HI, c + w * (np.ravel(u) - _plain_mass_u(c)), tol)
 
 
-def _conditional(x, scale, ridge):
-    """Whether the log-mass transform depends on x: given x, with the floor (scale > 0) or the ridge."""
-    return x is not None and (scale > 0 or ridge)
+EBV_RIDGE_STEPS = 2      # Gauss-Newton refinements of the E(B-V) ridge (ebv_from_colours)
+EBV_RIDGE_CHORD = 0.05   # mag: half-width of the chord giving the local reddening slopes
+
+
+def ebv_from_colours(log_age, x):
+    """Centre e_c and width w_e (mag) of the E(B-V) the colours imply in the age bin of t' (module docstring).
+
+    The weighted least-squares fit of log10 f*_b = log10 m + log10 F_b(k, E, d) over (log10 m, E), weights the
+    bands' precisions: first with ln F_b linear in E (the chord over the prior range), then EBV_RIDGE_STEPS
+    Gauss-Newton steps with the slopes a_b of chords of +-EBV_RIDGE_CHORD about the estimate (the dust
+    curve bends: the first fit alone is off by up to 0.06 mag). w_e = 1 / sqrt(sum_b w_b (a_b - a_mean)^2)."""
+    x = np.asarray(x, dtype=np.float64)
+    s2 = np.maximum(np.log1p(x[..., 5:10] ** 2), RIDGE_MIN_S2)
+    weight = LN10 ** 2 / s2                                                  # 1 / variance of log10 f*
+    wsum = np.sum(weight, axis=-1, keepdims=True)
+    y = x[..., 0:5] + s2 / (2.0 * LN10)
+    e, lo, hi = np.zeros(np.shape(log_age)), EBV_BOUNDS[0], EBV_BOUNDS[1]
+    for step in range(EBV_RIDGE_STEPS + 1):
+        e0 = np.clip(e, lo, hi)
+        a0, a1 = (lo, hi) if step == 0 else (np.clip(e0 - EBV_RIDGE_CHORD, lo, hi - 2 * EBV_RIDGE_CHORD),
+                                             np.clip(e0 + EBV_RIDGE_CHORD, lo + 2 * EBV_RIDGE_CHORD, hi))
+        f0, f1 = _log_flux_per_msun(log_age, a0, x), _log_flux_per_msun(log_age, a1, x)
+        slope = (f1 - f0) / np.expand_dims(a1 - a0, -1)
+        resid = y - (f0 if step == 0 else _log_flux_per_msun(log_age, e0, x))     # about the model at e0
+        da = slope - np.sum(weight * slope, axis=-1, keepdims=True) / wsum
+        dy = resid - np.sum(weight * resid, axis=-1, keepdims=True) / wsum
+        saa = np.sum(weight * da * da, axis=-1)
+        e = e0 + np.sum(weight * da * dy, axis=-1) / saa
+    return e, 1.0 / np.sqrt(saa)
+
+
+E_LO, E_HI = THETA_BOUNDS[2]
+
+
+def _ebv_u(e, ridge):
+    """u_E: the plain transform Phi^-1(E / 1.5) plus (E - e_c) / w_e (ridge = (e_c, w_e))."""
+    return _plain_u(e, 2) + (e - ridge[0]) / ridge[1]
+
+
+def _log_ebv_du(e, ridge):
+    """log du_E/dE: 1 / (1.5 phi(u0)) + 1 / w_e, both positive."""
+    return np.logaddexp(_log_plain_du(e, 2), -np.log(ridge[1]))
+
+
+def _ebv_from_u(u, ridge):
+    """Inverse of _ebv_u on [0, 1.5]: _solve_increasing from E = e_c + w_e (u - u_plain(e_c))."""
+    c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge)
+    return _solve_increasing(lambda e, i: _ebv_u(e, (c[i], w[i])), lambda e, i: _log_ebv_du(e, (c[i], w[i])),
+                             u, E_LO, E_HI, c + w * (np.ravel(u) - _plain_u(np.clip(c, E_LO, E_HI), 2)))
+
+
+def depends_on_x(x, scale, ridge, ebv_ridge=False):
+    """Whether the target transform depends on x: given x, with the floor (scale > 0) or a ridge."""
+    return x is not None and (scale > 0 or ridge or ebv_ridge)
 
 
 def _mass_terms(theta, x, scale, ridge):
@@ -210,54 +290,60 @@ def _mass_terms(theta, x, scale, ridge):
     return a, (log_mass_ridge(theta[..., 0], theta[..., 2], x) if ridge else None)
 
 
-def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False):
+def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False):
     """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
     With x: log mass gets the floor term (scale > 0; -> -inf at the floor of theta's t', E) and the ridge term
-    (ridge=True) of the module docstring; x None, or scale 0 and no ridge, is the plain transform."""
+    (ridge=True), E(B-V) its ridge term (ebv_ridge=True) of the module docstring; x None, or scale 0 and no
+    ridge, is the plain transform."""
     theta = _check_theta(theta)
     a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
     u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
-    if _conditional(x, scale, ridge):
+    if depends_on_x(x, scale, ridge, ebv_ridge):
         floor, rg = _mass_terms(theta, x, scale, ridge)
         u[..., 1] = _mass_u(theta[..., 1], floor, scale, rg)
+        if ebv_ridge:
+            u[..., 2] = _ebv_u(theta[..., 2], ebv_from_colours(theta[..., 0], x))
     return u
 
 
-def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False):
-    """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x, age and E(B-V) first, then the mass above
-    the floor (and about the ridge) they set."""
+def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False):
+    """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x: age first, then E(B-V) (about its ridge at
+    that age), then the mass above the floor (and about the ridge) they set."""
     u = _check_theta(u)
     theta = THETA_BOUNDS[:, 0] + (THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]) * ndtr(u)
-    if _conditional(x, scale, ridge):
+    if depends_on_x(x, scale, ridge, ebv_ridge):
+        if ebv_ridge:
+            theta[..., 2] = _ebv_from_u(u[..., 2], ebv_from_colours(theta[..., 0], x))
         floor, rg = _mass_terms(theta, x, scale, ridge)
         theta[..., 1] = _mass_from_u(u[..., 1], floor, scale, rg)
     return theta
 
 
-def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False):
+def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False):
     """The diagonal of the transform's Jacobian, log du_i/dtheta_i (..., 3): du/dtheta = 1 / ((b - a) phi(u)),
-    phi the standard normal density; with x the log-mass term is that of the floor / ridge transform."""
+    phi the standard normal density; with x the log-mass and E(B-V) terms of the floor / ridge transforms."""
     theta = _check_theta(theta)
-    u = theta_to_u(theta)
-    width = THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]
-    terms = -np.log(width) + 0.5 * u ** 2 + 0.5 * np.log(2.0 * np.pi)
-    if _conditional(x, scale, ridge):
+    terms = np.stack([_log_plain_du(theta[..., j], j) for j in range(3)], axis=-1)
+    if depends_on_x(x, scale, ridge, ebv_ridge):
         floor, rg = _mass_terms(theta, x, scale, ridge)
         terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale, rg)
+        if ebv_ridge:
+            terms[..., 2] = _log_ebv_du(theta[..., 2], ebv_from_colours(theta[..., 0], x))
     return terms
 
 
-def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False):
-    """sum_i log|du_i/dtheta_i| (N,) (the Jacobian is triangular, also with the floor and the ridge: a sum of
+def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False):
+    """sum_i log|du_i/dtheta_i| (N,) (the Jacobian is triangular, also with the floor and the ridges: a sum of
     the diagonal).  p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
     """
-    return np.sum(log_du_dtheta(theta, x, scale, ridge), axis=-1)
+    return np.sum(log_du_dtheta(theta, x, scale, ridge, ebv_ridge), axis=-1)
 
 
 def mass_transform(config):
-    """The log-mass transform options of a model config (keyword arguments of theta_to_u and the others);
-    configs written before the ridge existed have none."""
-    return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)))
+    """The target transform options of a model config (keyword arguments of theta_to_u and the others);
+    configs written before the ridges existed have none."""
+    return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)),
+                ebv_ridge=bool(config.get("ebv_ridge", False)))
 
 
 def below_floor(theta, x, tol=1e-6):

@@ -211,15 +211,22 @@ def test_mass_ridge_is_the_mass_the_photometry_implies():
     c, w = pp.log_mass_ridge(np.log10(sim["age_myr"] + rng.uniform(-0.5, 0.5, 300)), sim["ebv"], x)
     np.testing.assert_allclose(c, sim["log10_mass"], rtol=0, atol=1e-6)
     np.testing.assert_allclose(w, 1e-4 / np.sqrt(5) / np.log(10), rtol=1e-6)
+    e, we = pp.ebv_from_colours(np.log10(sim["age_myr"] + rng.uniform(-0.5, 0.5, 300)), x)    # from the colours alone
+    assert np.max(np.abs(e - sim["ebv"])) < 1e-5 and np.max(np.abs(e - sim["ebv"]) / we) < 0.5
+    assert np.all(we < 1e-3)
     obs = physical_obs(3000, 6)
     c, w = pp.log_mass_ridge(obs["theta"][:, 0], obs["theta"][:, 2], obs["x"])
     v = (obs["theta"][:, 1] - c) / w
     assert 0.8 < np.std(v) < 1.6 and abs(np.mean(v)) < 1.0 and np.max(np.abs(v)) < 10
     assert np.median(w) < 0.06          # while the mass itself spans 6 dex of prior
+    e, we = pp.ebv_from_colours(obs["theta"][:, 0], obs["x"])
+    v = (obs["theta"][:, 2] - e) / we
+    assert 0.8 < np.std(v) < 1.6 and abs(np.mean(v)) < 1.0 and np.mean(np.abs(v) > 5) < 0.01
+    assert np.median(we) < 0.1          # of 1.5 mag
 
 
-@pytest.mark.parametrize("scale", [0.0, 0.1])
-def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale):
+@pytest.mark.parametrize("scale,ebv_ridge", [(0.0, False), (0.1, False), (0.1, True)])
+def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ebv_ridge):
     obs = physical_obs(300, 7)
     rng = np.random.default_rng(7)
     x = obs["x"]
@@ -230,21 +237,21 @@ def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale):
     near = c + w * rng.normal(0, 2, len(x))                                  # on the ridge, where it is inside
     on = (np.arange(len(x)) % 2 == 0) & (near > lo + 0.05) & (near < 7.9)
     theta[:, 1] = np.where(on, near, lo + (8.0 - lo) * rng.uniform(0.01, 0.99, len(x)))
-    u = pp.theta_to_u(theta, x, scale, ridge=True)
+    u = pp.theta_to_u(theta, x, scale, True, ebv_ridge)
     assert np.all(np.isfinite(u))
-    np.testing.assert_allclose(pp.u_to_theta(u, x, scale, ridge=True), theta, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(pp.u_to_theta(u, x, scale, True, ebv_ridge), theta, rtol=0, atol=1e-10)
     assert on.sum() > 60 and np.std(u[on, 1]) < 4           # the ridge term makes the mass near c O(1) in u
     up = theta.copy()
     up[:, 1] = np.minimum(theta[:, 1] + 1e-4, 8.0)
-    assert np.all(pp.theta_to_u(up, x, scale, ridge=True)[:, 1] > u[:, 1])            # increasing in m
+    assert np.all(pp.theta_to_u(up, x, scale, True, ebv_ridge)[:, 1] > u[:, 1])       # increasing in m
     h = 1e-7
     for i in range(0, len(x), 10):               # full 3x3 Jacobian by central differences, its log|det|
         jac = np.empty((3, 3))
         for j in range(3):
             step = np.zeros(3)
             step[j] = h
-            jac[:, j] = (pp.theta_to_u(theta[i] + step, x[i], scale, True)
-                         - pp.theta_to_u(theta[i] - step, x[i], scale, True)) / (2 * h)
-        assert jac[0, 1] == 0 and jac[2, 1] == 0                               # triangular
-        np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, True), np.linalg.slogdet(jac)[1],
-                                   atol=1e-4)
+            jac[:, j] = (pp.theta_to_u(theta[i] + step, x[i], scale, True, ebv_ridge)
+                         - pp.theta_to_u(theta[i] - step, x[i], scale, True, ebv_ridge)) / (2 * h)
+        assert jac[0, 1] == 0 and jac[2, 1] == 0 and jac[0, 2] == 0               # triangular
+        np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, True, ebv_ridge),
+                                   np.linalg.slogdet(jac)[1], atol=1e-4)

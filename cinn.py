@@ -220,7 +220,7 @@ class CINN(nn.Module):
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         age_rng = np.random.default_rng([int(seed), 1])       # the bin re-draws: their own generator
         out = np.empty((N, n, D), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
-        mt = preprocess.mass_transform(self.config)
+        mt = preprocess.target_transform(self.config)
         per = max(1, batch_rows // max(n, 1))          # clusters per batch
         for i in range(0, N, per):
             c = self.condition(xt[i:i + per])
@@ -259,7 +259,7 @@ class CINN(nn.Module):
         theta = theta.reshape(-1, self.config["dim_theta"])
         if len(theta) != len(x):
             raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
-        mt = preprocess.mass_transform(self.config)
+        mt = preprocess.target_transform(self.config)
         bounds = preprocess.THETA_BOUNDS
         inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
         if mt["scale"] > 0:

@@ -339,7 +339,7 @@ def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=
     return np.sum(log_du_dtheta(theta, x, scale, ridge, ebv_ridge), axis=-1)
 
 
-def mass_transform(config):
+def target_transform(config):
     """The target transform options of a model config (keyword arguments of theta_to_u and the others);
     configs written before the ridges existed have none."""
     return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)),

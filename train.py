@@ -83,22 +83,22 @@ def load_split(data_dir, name, online=False):
     return load_npz(os.path.join(data_dir, f"{name}.npz"), required=required)
 
 
-def tensors(obs, device, n=None, mass=None):
-    """(u, x) float32 tensors from an observation dict (first n rows); mass: the model's log-mass transform
-    options (preprocess.mass_transform(config); None: the plain transform)."""
+def tensors(obs, device, n=None, transform=None):
+    """(u, x) float32 tensors from an observation dict (first n rows); transform: the model's target transform
+    options (preprocess.target_transform(config); None: the plain transform)."""
     theta, x = obs["theta"][:n], obs["x"][:n]
     if not np.all(np.isfinite(theta)):
         raise ValueError("training/validation targets theta contain NaN (real catalogue passed as training data?)")
-    u = preprocess.theta_to_u(theta, x, **(mass or dict(scale=0.0)))
+    u = preprocess.theta_to_u(theta, x, **(transform or dict(scale=0.0)))
     return (torch.as_tensor(u, dtype=torch.float32, device=device),
             torch.as_tensor(x, dtype=torch.float32, device=device))
 
 
-def online_tensors(obs, seed, epoch, device, mass=None):
+def online_tensors(obs, seed, epoch, device, transform=None):
     """Fresh age jitter, distance and noise for every training cluster (online augmentation)."""
     rng = np.random.default_rng(epoch_seed(seed, epoch, 1))
     sim = {k: obs[k] for k in ("age_myr", "log10_mass", "ebv", "flux_10pc_mjy")}
-    return tensors(preprocess.observe(sim, rng), device, mass=mass)
+    return tensors(preprocess.observe(sim, rng), device, transform=transform)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def fit(model, train, val, cfg, seed, out_dir=None, stop_after=None, max_minutes
         epoch = state["epoch"] + 1
         t0 = time.time()
         if cfg.get("online"):
-            u, x = online_tensors(train["obs"], seed, epoch, device, preprocess.mass_transform(model.config))
+            u, x = online_tensors(train["obs"], seed, epoch, device, preprocess.target_transform(model.config))
         else:
             u, x = train["u"], train["x"]
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, 0))
@@ -264,8 +264,8 @@ def coverage(model, obs, n_samples=1000, levels=(0.68, 0.95), n=2000, seed=0):
         out[f"coverage_{round(100 * q)}_stderr"] = math.sqrt(q * (1 - q) / len(x))
     logp = model.log_prob(theta, x, age_bins=False)          # the flow's own density, as in training
     out["test_nll"] = float(-np.mean(logp))
-    mass = preprocess.mass_transform(getattr(model, "config", {}))
-    out["test_nll_u"] = float(-np.mean(logp - preprocess.log_det_theta_to_u(theta, x, **mass)))
+    transform = preprocess.target_transform(getattr(model, "config", {}))
+    out["test_nll_u"] = float(-np.mean(logp - preprocess.log_det_theta_to_u(theta, x, **transform)))
     out["test_nll_age_bins"] = float(-np.mean(model.log_prob(theta, x)))   # q_bin (cinn docstring)
     return out
 
@@ -315,10 +315,10 @@ def train(data_dir, out_dir, cfg, seed=0, resume=False, device=None, max_minutes
     va = load_split(data_dir, "val")
     x_mean, x_std = (tr["x_mean"], tr["x_std"]) if "x_mean" in tr else preprocess.fit_standardization(tr["x"])
     model = cinn.CINN(cfg["model"], x_mean=x_mean, x_std=x_std, seed=seed).to(device)
-    mass = preprocess.mass_transform(model.config)
-    u, x = tensors(tr, device, mass=mass)
+    transform = preprocess.target_transform(model.config)
+    u, x = tensors(tr, device, transform=transform)
     train_data = dict(u=u, x=x, obs=tr)
-    val_u, val_x = tensors(va, device, mass=mass)
+    val_u, val_x = tensors(va, device, transform=transform)
     n_par = sum(p.numel() for p in model.parameters())
     log(f"training on {device}: {len(u)} train / {len(val_u)} val clusters, {n_par} parameters, "
         f"{torch.get_num_threads()} threads, online={cfg['train']['online']}")
@@ -436,9 +436,9 @@ def run_hyperband(args):
     cfg = resolve_config(args.profile, args.config)
     tr, va = load_split(args.data, "train"), load_split(args.data, "val")
     x_mean, x_std = (tr["x_mean"], tr["x_std"]) if "x_mean" in tr else preprocess.fit_standardization(tr["x"])
-    mass = preprocess.mass_transform(cfg["model"])
-    u, x = tensors(tr, device, n=args.hb_subset, mass=mass)
-    vu, vx = tensors(va, device, n=args.hb_val, mass=mass)
+    transform = preprocess.target_transform(cfg["model"])
+    u, x = tensors(tr, device, n=args.hb_subset, transform=transform)
+    vu, vx = tensors(va, device, n=args.hb_val, transform=transform)
     os.makedirs(args.out, exist_ok=True)
     log(f"hyperband: R={args.hb_max_epochs} eta={args.hb_eta} on {len(u)} train / {len(vu)} val clusters; "
         f"schedule {hyperband_schedule(args.hb_max_epochs, args.hb_eta)}")

@@ -142,16 +142,21 @@ def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds()
     np.testing.assert_allclose(many[:, 2], model.log_prob(theta, x))
 
 
-@pytest.mark.parametrize("floor_scale", [0.0, 0.1])
-def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale):
+@pytest.mark.parametrize("floor_scale,ridges", [(0.0, False), (0.1, False), (0.1, True)])
+def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges):
     """q_bin(log t', m, E) = Q(k, m, E) t' ln 10 with Q the flow's integral over the 1 Myr bin k: checked
-    against a trapezoid rule in log t' (not u, where log_prob integrates), for the first 40 bins."""
-    model = random_model(11, floor_scale=floor_scale)
+    against a trapezoid rule in log t' (not u, where log_prob integrates), for the first 40 bins. With the
+    ridges u_m and u_E depend on the bin (constant inside it), so the integral in u_0 alone still holds."""
+    model = random_model(11, floor_scale=floor_scale, ridge=ridges, ebv_ridge=ridges)
     rng = np.random.default_rng(11)
     x = random_x(rng, 1)
     if floor_scale:
         x[0, :5], x[0, 5:10], x[0, 10] = [-5.0, -5.2, -5.1, -5.0, -4.8], 0.3, 10.0
     m, e = 5.5, 0.4
+    if ridges:                         # a brighter cluster, near both ridges at 20 Myr: density not negligible
+        x[0, :5], x[0, 5:10] = [-2.0, -2.2, -2.1, -2.0, -1.8], 0.1
+        e = float(np.clip(pp.ebv_from_colours(np.log10(20.0), x[0])[0], 0.05, 1.45))
+        m = float(pp.log_mass_ridge(np.log10(20.0), e, x[0])[0])
     k = np.arange(2, 41)
     q_bin, q_trap = [], []
     for kk in k:
@@ -187,7 +192,7 @@ def test_age_bin_samples_redraw_the_label_inside_the_flow_samples_bin():
 
 
 def test_checkpoint_round_trip_identical_samples(tmp_path):
-    model = random_model(7, dtype=torch.float32)
+    model = random_model(7, dtype=torch.float32, floor_scale=0.1, ridge=True, ebv_ridge=True)
     rng = np.random.default_rng(7)
     x = random_x(rng, 30)
     path = tmp_path / "model.pt"
@@ -196,7 +201,7 @@ def test_checkpoint_round_trip_identical_samples(tmp_path):
     np.testing.assert_array_equal(loaded.sample(x, 100, seed=3), model.sample(x, 100, seed=3))
     np.testing.assert_array_equal(loaded.log_prob(np.full((30, 3), 1.0), x),
                                   model.log_prob(np.full((30, 3), 1.0), x))
-    assert loaded.extra["note"] == "test"
+    assert loaded.extra["note"] == "test" and loaded.config == model.config      # the transform options too
     assert not np.array_equal(loaded.sample(x, 100, seed=3), loaded.sample(x, 100, seed=4))
     with pytest.raises(FileNotFoundError):
         cinn.load(tmp_path / "missing.pt")

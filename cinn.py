@@ -1,7 +1,9 @@
 """Conditional invertible neural network (cINN) for p(theta | x), in plain PyTorch (Walter et al. 2026, Sect. 2.1).
 
 The network g maps the (transformed) parameters u = Phi^-1((theta - a)/(b - a)) of a cluster, conditioned on its
-photometry x, to a latent z that is standard normal when the model is right:
+photometry x, to a latent z that is standard normal when the model is right (with the config's floor_scale,
+ridge and ebv_ridge, u_m and u_E also depend on x and on the age bin: the mass floor and the ridges of
+preprocess.py, a triangular map whose log-Jacobian is the sum of its diagonal):
 
     z = g(u; x),    p(u | x) = N(z; 0, 1) |det dz/du|,    loss = E[ ||z||^2 / 2 - log|det dz/du| ]   (Eq. 4)
 
@@ -24,7 +26,8 @@ q onto posteriors of that form:
 
     q_bin(log t', m, E | x) = Q(k, m, E | x) t' ln 10,    Q(k, m, E | x) = integral of q(l, m, E | x) over bin k
 
-(Q by 16-point Gauss-Legendre in u_0, where the integrand stays smooth up to the 0.5 Myr bound). Sampling it
+(Q by 16-point Gauss-Legendre in u_0, where the integrand stays smooth up to the 0.5 Myr bound; u_m and u_E
+depend on t' only through the bin, so they stay fixed). Sampling it
 is sampling q and re-drawing t' uniformly inside its bin. By the chain rule of the KL divergence,
 KL(p || q) = KL(P || Q) + E[KL(uniform || q within the bin)] >= KL(p || q_bin): the projection never moves q
 away from the true posterior. `age_bins=False` gives the flow.

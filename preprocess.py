@@ -139,10 +139,11 @@ def _plain_u(v, j):
     return ndtri(np.clip((v - a) / (b - a), EPS, 1.0 - EPS))
 
 
-def _log_plain_du(v, j):
-    """Its log-derivative, log 1 / ((b_j - a_j) phi(u))."""
+def _log_plain_du(v, j, u=None):
+    """Its log-derivative, log 1 / ((b_j - a_j) phi(u)) (u = _plain_u(v, j) when already at hand)."""
     a, b = THETA_BOUNDS[j]
-    return -np.log(b - a) + 0.5 * _plain_u(v, j) ** 2 + 0.5 * np.log(2.0 * np.pi)
+    u = _plain_u(v, j) if u is None else u
+    return -np.log(b - a) + 0.5 * u ** 2 + 0.5 * np.log(2.0 * np.pi)
 
 
 def _plain_mass_u(m):
@@ -171,20 +172,29 @@ def _mass_u(m, a, scale, ridge=None):
     return u
 
 
-def _log_mass_du(m, a, scale, ridge=None):
-    """log du_m/dm, a sum of positive terms: 1 / (6 phi(u0)), (1/scale) / (exp((m - a)/scale) - 1), 1 / w."""
-    out = _log_plain_du(m, 1)
+def _mass_u_du(m, a, scale, ridge=None):
+    """(u_m, log du_m/dm) together (the Newton inversion needs both); du_m/dm is a sum of positive terms:
+    1 / (6 phi(u0)), (1/scale) / (exp((m - a)/scale) - 1) and 1 / w."""
+    u = _plain_mass_u(m)
+    log_du = _log_plain_du(m, 1, u)
     if scale > 0:
-        out = np.logaddexp(out, -np.log(scale) - np.log(np.expm1(np.maximum(m - a, 1e-12) / scale)))
+        z = np.maximum(m - a, 1e-12) / scale
+        f = np.log(-np.expm1(-z))                        # the floor term; log(exp(z) - 1) = z + f
+        u, log_du = u + f, np.logaddexp(log_du, -np.log(scale) - z - f)
     if ridge is not None:
-        out = np.logaddexp(out, -np.log(ridge[1]))
-    return out
+        u, log_du = u + (m - ridge[0]) / ridge[1], np.logaddexp(log_du, -np.log(ridge[1]))
+    return u, log_du
 
 
-def _solve_increasing(g, log_dg, u, lo, hi, start, tol=1e-12):
+def _log_mass_du(m, a, scale, ridge=None):
+    """log du_m/dm (see _mass_u_du)."""
+    return _mass_u_du(m, a, scale, ridge)[1]
+
+
+def _solve_increasing(g_and_log_dg, u, lo, hi, start, tol=1e-12):
     """The root m of g(m) = u for g increasing on [lo, hi] (arrays): Newton steps from `start`, each kept inside
     the bracket that the signs of the residuals shrink (a bisection where Newton would leave it), until the
-    bracket or the step is below tol. g(m, i) and log_dg(m, i) evaluate at the entries i still iterating."""
+    bracket or the step is below tol. g_and_log_dg(m, i) -> (g, log g') at the entries i still iterating."""
     shape = np.shape(u)
     u = np.ravel(u)
     lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), shape).ravel().copy()
@@ -195,9 +205,10 @@ def _solve_increasing(g, log_dg, u, lo, hi, start, tol=1e-12):
         if len(i) == 0:
             break
         mi, li, hi_i = m[i], lo[i], hi[i]
-        r = g(mi, i) - u[i]
+        g, log_dg = g_and_log_dg(mi, i)
+        r = g - u[i]
         li, hi_i = np.where(r < 0, mi, li), np.where(r < 0, hi_i, mi)
-        new = mi - r / np.exp(log_dg(mi, i))
+        new = mi - r * np.exp(-log_dg)
         new = np.where((new > li) & (new < hi_i), new, 0.5 * (li + hi_i))
         m[i], lo[i], hi[i] = new, li, hi_i
         i = i[(np.abs(new - mi) >= tol) & (hi_i - li >= tol)]
@@ -223,8 +234,7 @@ def _mass_from_u(u, a, scale, ridge=None, tol=1e-12):
         return 0.5 * (lo + hi)
     c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge)
     a = np.broadcast_to(a, np.shape(u)).ravel()
-    return _solve_increasing(lambda m, i: _mass_u(m, a[i], scale, (c[i], w[i])),
-                             lambda m, i: _log_mass_du(m, a[i], scale, (c[i], w[i])),
+    return _solve_increasing(lambda m, i: _mass_u_du(m, a[i], scale, (c[i], w[i])),
                              u, a, M_HI, c + w * (np.ravel(u) - _plain_mass_u(c)), tol)
 
 
@@ -267,16 +277,17 @@ def _ebv_u(e, ridge):
     return _plain_u(e, 2) + (e - ridge[0]) / ridge[1]
 
 
-def _log_ebv_du(e, ridge):
-    """log du_E/dE: 1 / (1.5 phi(u0)) + 1 / w_e, both positive."""
-    return np.logaddexp(_log_plain_du(e, 2), -np.log(ridge[1]))
+def _ebv_u_du(e, ridge):
+    """(u_E, log du_E/dE); du_E/dE = 1 / (1.5 phi(u0)) + 1 / w_e, both positive."""
+    p = _plain_u(e, 2)
+    return p + (e - ridge[0]) / ridge[1], np.logaddexp(_log_plain_du(e, 2, p), -np.log(ridge[1]))
 
 
 def _ebv_from_u(u, ridge):
     """Inverse of _ebv_u on [0, 1.5]: _solve_increasing from E = e_c + w_e (u - u_plain(e_c))."""
     c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge)
-    return _solve_increasing(lambda e, i: _ebv_u(e, (c[i], w[i])), lambda e, i: _log_ebv_du(e, (c[i], w[i])),
-                             u, E_LO, E_HI, c + w * (np.ravel(u) - _plain_u(np.clip(c, E_LO, E_HI), 2)))
+    return _solve_increasing(lambda e, i: _ebv_u_du(e, (c[i], w[i])), u, E_LO, E_HI,
+                             c + w * (np.ravel(u) - _plain_u(np.clip(c, E_LO, E_HI), 2)))
 
 
 def depends_on_x(x, scale, ridge, ebv_ridge=False):
@@ -328,7 +339,7 @@ def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False
         floor, rg = _mass_terms(theta, x, scale, ridge)
         terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale, rg)
         if ebv_ridge:
-            terms[..., 2] = _log_ebv_du(theta[..., 2], ebv_from_colours(theta[..., 0], x))
+            terms[..., 2] = _ebv_u_du(theta[..., 2], ebv_from_colours(theta[..., 0], x))[1]
     return terms
 
 

@@ -248,7 +248,24 @@ def ebv_from_colours(log_age, x):
     The weighted least-squares fit of log10 f*_b = log10 m + log10 F_b(k, E, d) over (log10 m, E), weights the
     bands' precisions: first with ln F_b linear in E (the chord over the prior range), then EBV_RIDGE_STEPS
     Gauss-Newton steps with the slopes a_b of chords of +-EBV_RIDGE_CHORD about the estimate (the dust
-    curve bends: the first fit alone is off by up to 0.06 mag). w_e = 1 / sqrt(sum_b w_b (a_b - a_mean)^2)."""
+    curve bends: the first fit alone is off by up to 0.06 mag). w_e = 1 / sqrt(sum_b w_b (a_b - a_mean)^2).
+    Computed once per distinct (age bin, x) pair: posterior samples repeat x and share a few hundred bins."""
+    import simulate
+    x = np.asarray(x, dtype=np.float64)
+    log_age = np.asarray(log_age, dtype=np.float64)
+    if x.ndim != 2 or log_age.shape != x.shape[:1] or len(x) < 2:
+        return _ebv_fit(log_age, x)
+    run = np.concatenate([[0], np.cumsum(np.any(x[1:] != x[:-1], axis=1))])      # runs of identical x rows
+    _, first, inverse = np.unique(run * (simulate.AGE_MAX_MYR + 1) + age_bin(log_age), return_index=True,
+                                  return_inverse=True)
+    if len(first) > len(x) // 2:                                                 # mostly distinct: no gain
+        return _ebv_fit(log_age, x)
+    e, w = _ebv_fit(log_age[first], x[first])
+    return e[inverse], w[inverse]
+
+
+def _ebv_fit(log_age, x):
+    """The fit of ebv_from_colours, row by row."""
     x = np.asarray(x, dtype=np.float64)
     s2 = np.maximum(np.log1p(x[..., 5:10] ** 2), RIDGE_MIN_S2)
     weight = LN10 ** 2 / s2                                                  # 1 / variance of log10 f*

@@ -255,3 +255,19 @@ def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ebv_ridg
         assert jac[0, 1] == 0 and jac[2, 1] == 0 and jac[0, 2] == 0               # triangular
         np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, True, ebv_ridge),
                                    np.linalg.slogdet(jac)[1], atol=1e-4)
+
+
+def test_ebv_ridge_once_per_distinct_bin_equals_row_by_row():
+    """ebv_from_colours fits each distinct (age bin, x) pair once (samples repeat x): same values as row by row,
+    also for rows that share x but not the bin, and for a mostly-distinct input (the plain path)."""
+    obs = physical_obs(200, 8)
+    rng = np.random.default_rng(8)
+    x = np.repeat(obs["x"], 50, axis=0)
+    log_age = np.repeat(obs["theta"][:, 0], 50) + rng.choice([0.0, 0.0, 0.3], len(x))   # 2 bins per cluster
+    for la, xx in ((log_age, x), (obs["theta"][:, 0], obs["x"])):
+        e, w = pp.ebv_from_colours(la, xx)
+        e_row, w_row = pp._ebv_fit(la, xx)
+        np.testing.assert_array_equal(e, e_row)
+        np.testing.assert_array_equal(w, w_row)
+        if len(la) == len(log_age):
+            assert 300 < len(np.unique(e)) <= 400       # two bins for most clusters: the bins matter

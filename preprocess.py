@@ -179,7 +179,7 @@ def _mass_u_du(m, a, scale, ridge=None):
     log_du = _log_plain_du(m, 1, u)
     if scale > 0:
         z = np.maximum(m - a, 1e-12) / scale
-        f = np.log(-np.expm1(-z))                        # the floor term; log(exp(z) - 1) = z + f
+        f = _floor_term(m - a, scale)                    # log(1 - exp(-z)); log(exp(z) - 1) = z + f
         u, log_du = u + f, np.logaddexp(log_du, -np.log(scale) - z - f)
     if ridge is not None:
         u, log_du = u + (m - ridge[0]) / ridge[1], np.logaddexp(log_du, -np.log(ridge[1]))

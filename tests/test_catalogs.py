@@ -475,10 +475,15 @@ def test_run_catalog_smoke(tmp_path):
     inside = (np.log10(kept["PHANGS_AGE_MINCHISQ"]) >= ecsv["log10_age_myr_q16"]) & (
         np.log10(kept["PHANGS_AGE_MINCHISQ"]) <= ecsv["log10_age_myr_q84"])
     assert inl["ref_in_cinn_16_84_pct"][0] == pytest.approx(100 * inside.mean())
-    # same seed -> same table
+    # same seed -> same table, to the float32 network's rounding: in 2 of 5 full CI-like runs (2 threads) the
+    # medians of 3 of 31 clusters differed by one float32 ulp (6e-8) between two calls in one process, a CPU
+    # kernel effect we could not reproduce in isolation; a different seed moves them by ~3e-2
     args.out, args.no_mle, args.no_figures = str(tmp_path / "res2.ecsv"), True, True
     args.func(args)
-    np.testing.assert_array_equal(Table.read(tmp_path / "res2.ecsv")["ebv_q50"], ecsv["ebv_q50"])
+    np.testing.assert_allclose(Table.read(tmp_path / "res2.ecsv")["ebv_q50"], ecsv["ebv_q50"], rtol=2.4e-7, atol=0)
+    args.out, args.seed = str(tmp_path / "res3.ecsv"), args.seed + 1
+    args.func(args)
+    assert np.median(np.abs(Table.read(tmp_path / "res3.ecsv")["ebv_q50"] - ecsv["ebv_q50"])) > 1e-4
 
 
 @HYP

@@ -104,16 +104,20 @@ def _log_flux_per_msun(log_age, ebv, x):
     return np.log10(simulate.model_flux(k, e, 0.0, x[..., 10]))
 
 
+def _raw_mass_floor(log_age, ebv, x):
+    """max_b log10(2 sigma_b / F_b(round(t'), E, d)), not clipped (may exceed 8: no mass allowed there)."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(divide="ignore"):                                     # r* = 0: no floor from that band
+        log_sigma = np.log10(x[..., 5:10]) + x[..., 0:5]                   # sigma_b = r*_b f*_b
+        return np.max(np.log10(2.0) + log_sigma - _log_flux_per_msun(log_age, ebv, x), axis=-1)
+
+
 def log_mass_floor(log_age, ebv, x):
     """Lowest log10 m0 the noise model allows (module docstring), clipped to [2, 8 - FLOOR_GAP].
 
     log_age: log10 t' (the jittered label; the photometry is that of the bin round(t')), ebv, and x (..., 11)
     the network inputs (log10 f*, r*, d), all broadcast against each other."""
-    x = np.asarray(x, dtype=np.float64)
-    with np.errstate(divide="ignore"):                                     # r* = 0: no floor from that band
-        log_sigma = np.log10(x[..., 5:10]) + x[..., 0:5]                   # sigma_b = r*_b f*_b
-        floor = np.max(np.log10(2.0) + log_sigma - _log_flux_per_msun(log_age, ebv, x), axis=-1)
-    return np.clip(floor, THETA_BOUNDS[1, 0], THETA_BOUNDS[1, 1] - FLOOR_GAP)
+    return np.clip(_raw_mass_floor(log_age, ebv, x), THETA_BOUNDS[1, 0], THETA_BOUNDS[1, 1] - FLOOR_GAP)
 
 
 RIDGE_MIN_S2 = 1e-12   # ln-flux variance floor of one band in the ridge weights (r* = 0 would weigh infinitely)
@@ -375,10 +379,12 @@ def target_transform(config):
 
 
 def below_floor(theta, x, tol=1e-6):
-    """True where theta's log mass lies more than tol dex below the floor of its (t', E) (zero likelihood
-    under the noise model). tol absorbs float32 rounding of samples drawn on the floor."""
+    """True where theta lies outside the noise model's support: its log mass more than tol dex below the floor
+    of its (t', E), unclipped, so also wherever that floor exceeds the prior's top m = 8 (no mass at all is
+    allowed at such a (t', E); the floor transform, clipped to 8 - FLOOR_GAP, cannot exclude those).
+    tol absorbs float32 rounding of samples drawn on the floor."""
     theta = _check_theta(theta)
-    return theta[..., 1] < log_mass_floor(theta[..., 0], theta[..., 2], x) - tol
+    return theta[..., 1] < _raw_mass_floor(theta[..., 0], theta[..., 2], x) - tol
 
 
 def add_noise(flux_true_mjy, rng, r_max=R_MAX):

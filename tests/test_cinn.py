@@ -191,6 +191,30 @@ def test_age_bin_samples_redraw_the_label_inside_the_flow_samples_bin():
     assert not np.array_equal(binned, flow)
 
 
+def test_samples_truncated_to_the_support_and_log_prob_renormalised():
+    """A floor model and a bright, noisy cluster (r* = 0.45): ~30 % of the flow's draws fall where the noise
+    model allows no mass (the floor of their (t', E) above 8; the transform parks them on m = 8). sample()
+    re-draws them: none is left outside, and the draws are the flow's own draws inside the support (two-sample
+    KS per coordinate). log_prob is the flow's density minus log Z, Z the share inside, and -inf outside."""
+    model = random_model(6, floor_scale=0.1)
+    x = random_x(np.random.default_rng(6), 1)
+    x[0, :5], x[0, 5:10], x[0, 10] = np.array([0.0, -0.2, -0.1, 0.0, 0.2]) - 2.0, 0.45, 10.0
+    raw = model.sample(x, 40_000, seed=1, support=False)[0]
+    out = pp.below_floor(raw, x[0])
+    assert 0.2 < out.mean() < 0.4 and np.mean(raw[out, 1] > 7.99) > 0.9
+    kept = model.sample(x, 40_000, seed=2)[0]
+    assert not np.any(pp.below_floor(kept, x[0]))
+    for j in range(3):
+        assert stats.ks_2samp(kept[:, j], raw[~out, j]).pvalue > 1e-3
+    assert stats.ks_2samp(kept[:, 1], raw[:, 1]).pvalue < 1e-6          # ... and not the untruncated flow's
+    theta = np.concatenate([raw[~out][:50], raw[out][:50]])
+    xs = np.repeat(x, 100, axis=0)
+    flow, trunc = model.log_prob(theta, xs, support=False), model.log_prob(theta, xs, n_support=20_000)
+    np.testing.assert_allclose(trunc[:50] - flow[:50], -np.log(1 - out.mean()), atol=0.03)
+    assert np.all(np.isneginf(trunc[50:])) and np.all(np.isneginf(flow[50:]))
+    np.testing.assert_allclose(model.log_support(xs[:3], 20_000), np.log(1 - out.mean()), atol=0.03)
+
+
 def test_checkpoint_round_trip_identical_samples(tmp_path):
     model = random_model(7, dtype=torch.float32, floor_scale=0.1, ridge=True, ebv_ridge=True)
     rng = np.random.default_rng(7)

@@ -166,6 +166,27 @@ def test_mass_floor_is_the_support_edge_of_the_likelihood():
     assert checked == 40
 
 
+def test_below_floor_also_where_no_mass_is_allowed():
+    """At a (t', E) whose floor lies above the prior's top no mass has finite likelihood: below_floor is True
+    there even at m = 8 (log_mass_floor, clipped to 8 - FLOOR_GAP for the transform, cannot say so), as
+    grid_posterior's independently written likelihood confirms; where the floor is below 8, m = 8 is allowed."""
+    gp = pytest.importorskip("grid_posterior")
+    obs = physical_obs(200, 9)
+    rng = np.random.default_rng(9)
+    theta = random_theta(rng, len(obs["x"]))
+    theta[:, 1] = 8.0
+    raw = pp._raw_mass_floor(theta[:, 0], theta[:, 2], obs["x"])
+    np.testing.assert_array_equal(pp.log_mass_floor(theta[:, 0], theta[:, 2], obs["x"]),
+                                  np.clip(raw, 2.0, 8.0 - pp.FLOOR_GAP))
+    above, below = np.flatnonzero(raw > 8.01)[:15], np.flatnonzero((raw > 6.0) & (raw < 7.99))[:15]
+    assert len(above) == len(below) == 15
+    assert np.all(pp.below_floor(theta[above], obs["x"][above]))
+    assert not np.any(pp.below_floor(theta[below], obs["x"][below]))
+    for i in np.concatenate([above, below]):
+        L = gp.log_likelihood(theta[i], obs["flux_mjy"][i], obs["rel_err"][i], obs["distance_mpc"][i])[0]
+        assert np.isfinite(L) == (i in below), (i, raw[i], L)
+
+
 def test_mass_floor_transform_round_trip_and_triangular_jacobian():
     obs = physical_obs(300, 4)
     rng = np.random.default_rng(4)

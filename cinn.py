@@ -243,6 +243,7 @@ class CINN(nn.Module):
         out = np.empty((N, n, D), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
         mt = preprocess.target_transform(self.config)
         per = max(1, batch_rows // max(n, 1))          # clusters per batch
+        left = []                                      # draws left outside the support, as cluster indices
         for i in range(0, N, per):
             c = self.condition(xt[i:i + per])
             m = c.shape[0]
@@ -260,25 +261,30 @@ class CINN(nn.Module):
             if age_bins:
                 theta[:, 0] = preprocess.rejitter_age(theta[:, 0], age_rng)
             if support and mt["scale"] > 0:
-                self._redraw_outside_support(theta, xr, c, n, gen, age_rng, age_bins, mt, max_rounds, min_inside)
+                left.append(i + self._redraw_outside_support(theta, xr, c, n, gen, age_rng, age_bins, mt,
+                                                             max_rounds, min_inside))
             out[i:i + m] = theta.reshape(m, n, D)
         self.train(was_training)
+        left = np.concatenate(left) if left else np.zeros(0, dtype=int)
+        if left.size:
+            import warnings
+            warnings.warn(f"cinn.sample: {left.size} of {N * n} draws left outside the noise model's support, on the "
+                          f"mass bound (clusters {np.unique(left)[:10].tolist()}: under {min_inside:.0%} of their "
+                          f"draws inside, or not replaced in {max_rounds} rounds)")
         return out
 
     def _redraw_outside_support(self, theta, xr, c, n, gen, age_rng, age_bins, mt, max_rounds, min_inside):
         """In place: replace the draws of theta (rows of xr; row j belongs to cluster j // n of condition c)
         that lie outside the support (preprocess.below_floor) by the first candidate inside it, drawing 1, 2, 4,
-        ... 16 candidates per missing draw and round. Deterministic given the generators' states."""
+        ... 16 candidates per missing draw and round (clusters with under min_inside of their draws inside are
+        left as they are). Deterministic given the generators' states. Returns the batch's cluster index of
+        each draw left outside."""
         outside = preprocess.below_floor(theta, xr)
-        hopeless = np.mean(~outside.reshape(-1, n), axis=1) < min_inside
-        todo = np.flatnonzero(outside & ~np.repeat(hopeless, n))
-        if np.any(hopeless & np.any(outside.reshape(-1, n), axis=1)):
-            import warnings
-            warnings.warn(f"cinn.sample: {int(hopeless.sum())} clusters have < {min_inside:.0%} of their draws inside "
-                          "the noise model's support; their draws outside stay on the mass bound")
+        hopeless = np.repeat(np.mean(~outside.reshape(-1, n), axis=1) < min_inside, n)
+        todo = np.flatnonzero(outside & ~hopeless)
         for r in range(max_rounds):
             if todo.size == 0:
-                return
+                break
             k = min(2 ** r, 16)
             rows = np.repeat(todo, k)
             z = torch.randn(len(rows), theta.shape[1], generator=gen, device=self.device, dtype=c.dtype)
@@ -291,10 +297,7 @@ class CINN(nn.Module):
             first = np.argmax(ok, axis=1)
             theta[todo[hit]] = cand.reshape(len(todo), k, -1)[hit, first[hit]]
             todo = todo[~hit]
-        if todo.size:
-            import warnings
-            warnings.warn(f"cinn.sample: {todo.size} draws still outside the support after {max_rounds} rounds "
-                          f"(clusters {np.unique(todo // n)[:10].tolist()}); kept on the floor bound")
+        return np.sort(np.concatenate([todo, np.flatnonzero(outside & hopeless)])) // n
 
     def log_support(self, x, n_support=1024, seed=0):
         """log Z(x) (N,): log of the share of the flow's draws inside the noise model's support (module

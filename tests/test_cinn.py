@@ -1,4 +1,6 @@
 """Tests of the hand-written cINN (cinn.py): invertibility, Jacobians, normalisation, sampling, checkpoints."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -202,8 +204,12 @@ def test_samples_truncated_to_the_support_and_log_prob_renormalised():
     raw = model.sample(x, 40_000, seed=1, support=False)[0]
     out = pp.below_floor(raw, x[0])
     assert 0.2 < out.mean() < 0.4 and np.mean(raw[out, 1] > 7.99) > 0.9
-    kept = model.sample(x, 40_000, seed=2)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                   # every draw outside is replaced: no warning
+        kept = model.sample(x, 40_000, seed=2)[0]
     assert not np.any(pp.below_floor(kept, x[0]))
+    with pytest.warns(UserWarning, match="left outside the noise model's support"):
+        model.sample(x, 1000, seed=2, max_rounds=0)       # none replaced: they stay, and the user is told
     for j in range(3):
         assert stats.ks_2samp(kept[:, j], raw[~out, j]).pvalue > 1e-3
     assert stats.ks_2samp(kept[:, 1], raw[:, 1]).pvalue < 1e-6          # ... and not the untruncated flow's

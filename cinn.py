@@ -42,7 +42,8 @@ floor transform can only push them onto m = 8). For models with the floor (confi
 
 Sampling it is rejection (draws outside S are re-drawn); Z(x) is estimated from `n_support` draws per cluster
 with a fixed seed (so log_prob is deterministic). Since the true posterior is zero outside S,
-KL(p || q_S) = KL(p || q) + log Z(x) <= KL(p || q): the truncation never moves q away from it either.
+KL(p || q_S) = KL(p || q) + log Z(x) <= KL(p || q): the truncation never moves q away from it either. (This is
+the leakage correction of Greenberg et al. 2019, applied to a support that depends on x.)
 
 Directions: `to_latent` (u -> z, with log|det J|, for densities and training) and `to_params` (z -> u, for
 sampling). Public interface for the other scripts:

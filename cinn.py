@@ -34,9 +34,8 @@ away from the true posterior. `age_bins=False` gives the flow.
 
 Support. The noise model allows no mass below the floor of preprocess.py, and for noisy clusters at some (t', E)
 (old or dusty models, high mass-to-light) that floor lies above the prior's top m = 8: no mass at all is allowed
-there, yet the flow leaks into
-such regions (runs/ridge3: 2 % of all samples, over 10 % in 9 of 200 test clusters, 85 % in the worst; the
-floor transform can only push them onto m = 8). For models with the floor (config floor_scale > 0) `sample` and
+there, yet the flow leaks into such regions (runs/ridge3: 2 % of all samples, over 10 % in 9 of 200 test
+clusters, 85 % in the worst; the floor transform can only push them onto m = 8). For models with the floor (config floor_scale > 0) `sample` and
 `log_prob` therefore use q truncated to the support S(x) = {theta: m >= floor(t', E)}:
 
     q_S(theta | x) = q(theta | x) 1[theta in S(x)] / Z(x),     Z(x) = P_q(theta in S(x))

@@ -254,13 +254,9 @@ class CINN(nn.Module):
                                for zz in z.split(batch_rows)])
             else:
                 u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
-            if preprocess.depends_on_x(x, **mt):   # floor / ridge depend on x and the model table: NumPy, float64
-                xr = np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
-                theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, **mt)
-            else:
-                theta = self.u_to_theta(u).double().cpu().numpy()
-            if age_bins:
-                theta[:, 0] = preprocess.rejitter_age(theta[:, 0], age_rng)
+            xr = (np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
+                  if preprocess.depends_on_x(x, **mt) else None)
+            theta = self._to_physical(u, xr, mt, age_bins, age_rng)
             if support and mt["scale"] > 0:
                 left.append(i + self._redraw_outside_support(theta, xr, c, n, gen, age_rng, age_bins, mt,
                                                              max_rounds, min_inside))
@@ -273,6 +269,17 @@ class CINN(nn.Module):
                           f"mass bound (clusters {np.unique(left)[:10].tolist()}: under {min_inside:.0%} of their "
                           f"draws inside, or not replaced in {max_rounds} rounds)")
         return out
+
+    def _to_physical(self, u, xr, mt, age_bins, age_rng):
+        """Flow outputs u -> physical theta (numpy float64): the target transform (NumPy where it depends on x,
+        xr the rows of x; torch otherwise), then each age label re-drawn inside its 1 Myr bin (age_bins)."""
+        if xr is not None:
+            theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, **mt)
+        else:
+            theta = self.u_to_theta(u).double().cpu().numpy()
+        if age_bins:
+            theta[:, 0] = preprocess.rejitter_age(theta[:, 0], age_rng)
+        return theta
 
     def _redraw_outside_support(self, theta, xr, c, n, gen, age_rng, age_bins, mt, max_rounds, min_inside):
         """In place: replace the draws of theta (rows of xr; row j belongs to cluster j // n of condition c)
@@ -290,9 +297,7 @@ class CINN(nn.Module):
             rows = np.repeat(todo, k)
             z = torch.randn(len(rows), theta.shape[1], generator=gen, device=self.device, dtype=c.dtype)
             u = self.to_params(z, c=c[torch.as_tensor(rows // n, device=self.device)])
-            cand = preprocess.u_to_theta(u.double().cpu().numpy(), xr[rows], **mt)
-            if age_bins:
-                cand[:, 0] = preprocess.rejitter_age(cand[:, 0], age_rng)
+            cand = self._to_physical(u, xr[rows], mt, age_bins, age_rng)
             ok = ~preprocess.below_floor(cand, xr[rows]).reshape(len(todo), k)
             hit = ok.any(axis=1)
             first = np.argmax(ok, axis=1)

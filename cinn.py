@@ -3,7 +3,8 @@
 The network g maps the (transformed) parameters u = Phi^-1((theta - a)/(b - a)) of a cluster, conditioned on its
 photometry x, to a latent z that is standard normal when the model is right (with the config's floor_scale,
 ridge and ebv_ridge, u_m and u_E also depend on x and on the age bin: the mass floor and the ridges of
-preprocess.py, a triangular map whose log-Jacobian is the sum of its diagonal):
+preprocess.py; with age_profile, u_t is the CDF warp of preprocess's age profile; a triangular map whose
+log-Jacobian is the sum of its diagonal):
 
     z = g(u; x),    p(u | x) = N(z; 0, 1) |det dz/du|,    loss = E[ ||z||^2 / 2 - log|det dz/du| ]   (Eq. 4)
 
@@ -27,8 +28,8 @@ q onto posteriors of that form:
     q_bin(log t', m, E | x) = Q(k, m, E | x) t' ln 10,    Q(k, m, E | x) = integral of q(l, m, E | x) over bin k
 
 (Q by 16-point Gauss-Legendre in u_0, where the integrand stays smooth up to the 0.5 Myr bound; u_m and u_E
-depend on t' only through the bin, so they stay fixed). Sampling it
-is sampling q and re-drawing t' uniformly inside its bin. By the chain rule of the KL divergence,
+depend on t' only through the bin, so they stay fixed; the age profile's bins are unions of 1 Myr bins).
+Sampling it is sampling q and re-drawing t' uniformly inside its bin. By the chain rule of the KL divergence,
 KL(p || q) = KL(P || Q) + E[KL(uniform || q within the bin)] >= KL(p || q_bin): the projection never moves q
 away from the true posterior. `age_bins=False` gives the flow.
 
@@ -79,6 +80,7 @@ DEFAULT_CONFIG = dict(
     ridge=False,      # log-mass transform centred on the mass the photometry implies (preprocess docstring)
     ebv_ridge=False,  # E(B-V) transform centred on the reddening the colours imply at the age
                       # (preprocess docstring; 0 = the plain transform of the paper)
+    age_profile=False,  # age coordinate warped by the CDF of a profile-likelihood age posterior (preprocess)
 )
 
 
@@ -347,7 +349,8 @@ class CINN(nn.Module):
         if age_bins:   # log Q(k, m, E) + log(t' ln 10): integral over the bin's u_0 range, then uniform in t'
             edges = np.zeros((len(u), 2, 3))
             edges[..., 0] = np.column_stack(preprocess.age_bin_edges(theta[:, 0]))
-            u_edges = preprocess.theta_to_u(edges)[..., 0]                                # (N, 2)
+            u_edges = (preprocess._age_u_du(edges[..., 0], x[:, None, :], mt["age_profile"])[0] if mt["age_profile"]
+                       else preprocess.theta_to_u(edges)[..., 0])                        # (N, 2)
             nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
             half = 0.5 * (u_edges[:, 1] - u_edges[:, 0])[:, None]
             u_nodes = np.repeat(u[:, None, :], n_nodes, axis=1)

@@ -44,7 +44,9 @@ PROFILES = {
                              patience=12, online=False)),
     # GPU, 5e6 clusters (paper scale). Batch 16384 at lr 1.5e-3: on an H200 the step time is set by kernel
     # launches, so twice the batch is ~twice the samples/s; in 4.4 minutes it reached a test NLL 0.11 nats
-    # better than batch 8192 at lr 1e-3 in 5.6 (and 8192 was 0.8 better than 2048; README, measured figures)
+    # better than batch 8192 at lr 1e-3 in 5.6 (and 8192 was 0.8 better than 2048; README, measured figures).
+    # No age profile yet: not trained at this scale (no GPU since), and its one-off NumPy cost for 5e6
+    # clusters (~7 CPU-min) would eat half of a 15-minute device lend; add "age_profile": 0.5 to try it
     "paper": dict(model=dict(n_blocks=10, width=256, depth=3, clamp=2.0, cond_dim=64, cond_width=256,
                              cond_depth=3, floor_scale=0.1, ridge=True, ebv_ridge=True),
                   train=dict(epochs=100, batch_size=16384, lr=1.5e-3, lr_final=5e-6, l2=1e-7, clip_norm=10.0,

@@ -80,7 +80,8 @@ DEFAULT_CONFIG = dict(
     ridge=False,      # log-mass transform centred on the mass the photometry implies (preprocess docstring)
     ebv_ridge=False,  # E(B-V) transform centred on the reddening the colours imply at the age
                       # (preprocess docstring; 0 = the plain transform of the paper)
-    age_profile=False,  # age coordinate warped by the CDF of a profile-likelihood age posterior (preprocess)
+    age_profile=False,  # beta > 0: age coordinate warped by the CDF of a cheap approximate age posterior
+                        # with its likelihood to the power beta (preprocess docstring; 0 = off)
 )
 
 

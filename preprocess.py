@@ -492,8 +492,8 @@ def _mass_terms(theta, x, scale, ridge):
 def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
     """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
     With x: log mass gets the floor term (scale > 0; -> -inf at the floor of theta's t', E) and the ridge term
-    (ridge=True), E(B-V) its ridge term (ebv_ridge=True) of the module docstring; x None, or scale 0 and no
-    ridge, is the plain transform."""
+    (ridge=True), E(B-V) its ridge term (ebv_ridge=True), and the age the age profile's CDF warp (age_profile =
+    beta > 0) of the module docstring; x None, or scale 0 and nothing else, is the plain transform."""
     theta = _check_theta(theta)
     a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
     u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
@@ -508,8 +508,8 @@ def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, a
 
 
 def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
-    """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x: age first, then E(B-V) (about its ridge at
-    that age), then the mass above the floor (and about the ridge) they set."""
+    """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x: age first (from the age profile's CDF), then
+    E(B-V) (about its ridge at that age), then the mass above the floor (and about the ridge) they set."""
     u = _check_theta(u)
     theta = THETA_BOUNDS[:, 0] + (THETA_BOUNDS[:, 1] - THETA_BOUNDS[:, 0]) * ndtr(u)
     if depends_on_x(x, scale, ridge, ebv_ridge, age_profile):
@@ -525,7 +525,8 @@ def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_p
 
 def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
     """The diagonal of the transform's Jacobian, log du_i/dtheta_i (..., 3): du/dtheta = 1 / ((b - a) phi(u)),
-    phi the standard normal density; with x the log-mass and E(B-V) terms of the floor / ridge transforms."""
+    phi the standard normal density; with x the log-mass and E(B-V) terms of the floor / ridge transforms and
+    the age profile's log density."""
     theta = _check_theta(theta)
     terms = np.stack([_log_plain_du(theta[..., j], j) for j in range(3)], axis=-1)
     if depends_on_x(x, scale, ridge, ebv_ridge, age_profile):

@@ -386,7 +386,8 @@ def save(path, model, extra=None):
                 state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                 x_mean=model.x_mean.detach().cpu().double(), x_std=model.x_std.detach().cpu().double(),
                 theta_bounds=model.theta_bounds.detach().cpu().double(),
-                theta_names=list(preprocess.THETA_NAMES), extra=extra or {})
+                theta_names=list(preprocess.THETA_NAMES), age_profile=preprocess.age_profile_settings(),
+                extra=extra or {})
     tmp = f"{path}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -413,6 +414,10 @@ def load(path, device=None):
     bounds = np.asarray(ckpt["theta_bounds"])
     if not np.allclose(bounds, preprocess.THETA_BOUNDS, rtol=0, atol=1e-6):
         raise ValueError(f"{path}: theta bounds {bounds.tolist()} differ from preprocess.THETA_BOUNDS")
+    settings = ckpt.get("age_profile")          # checkpoints written before this check have none
+    if model.config["age_profile"] and settings is not None and settings != preprocess.age_profile_settings():
+        raise ValueError(f"{path}: its age profile was built with {settings}, but preprocess.py now has "
+                         f"{preprocess.age_profile_settings()}; restore the AGE_PROFILE_* constants to read it")
     model.extra = ckpt.get("extra", {})
     model.eval()
     return model.to(default_device() if device is None else torch.device(device))

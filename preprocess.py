@@ -337,6 +337,13 @@ AGE_PROFILE_PRIOR = 0.05     # share of the prior in the mixture (bounds the war
 _AGE_PROFILE = {}
 
 
+def age_profile_settings():
+    """The age profile's constants: a checkpoint stores them, and cinn.load refuses a model whose profile was
+    built with other values than this module's (the model config records only beta)."""
+    return dict(split=AGE_PROFILE_SPLIT, dex=AGE_PROFILE_DEX, segments=AGE_PROFILE_SEGMENTS,
+                floor=AGE_PROFILE_FLOOR, bounds=AGE_PROFILE_BOUNDS, prior=AGE_PROFILE_PRIOR)
+
+
 def age_profile_grid():
     """Bins of the age profile (cached): edges (B + 1,) in t' [Myr] at half-integers (1 Myr bins up to
     AGE_PROFILE_SPLIT, then ~AGE_PROFILE_DEX dex), log P(bin) under the simulation's age prior (B,), and per

@@ -257,3 +257,16 @@ def test_sample_batches_and_input_checks():
     bad[3, 2] = np.nan
     with pytest.raises(ValueError, match="rows \\[3\\]"):
         model.sample(bad, 10)
+
+
+def test_checkpoint_refuses_another_age_profile_setting(tmp_path, monkeypatch):
+    """The age profile's constants travel with the checkpoint: a model reads back under the same constants,
+    and loading under others (here the prior share) is an error, not a silently different posterior."""
+    model = random_model(8, dtype=torch.float32, floor_scale=0.1, age_profile=0.5)
+    path = tmp_path / "model.pt"
+    cinn.save(path, model)
+    x = random_x(np.random.default_rng(8), 3)
+    np.testing.assert_array_equal(cinn.load(path).sample(x, 50, seed=1), model.sample(x, 50, seed=1))
+    monkeypatch.setattr(pp, "AGE_PROFILE_PRIOR", 0.2)
+    with pytest.raises(ValueError, match="age profile"):
+        cinn.load(path)

@@ -259,6 +259,12 @@ EBV_RIDGE_STEPS = 2      # Gauss-Newton refinements of the E(B-V) ridge (ebv_fro
 EBV_RIDGE_CHORD = 0.05   # mag: half-width of the chord giving the local reddening slopes
 
 
+def _runs(x):
+    """Index (N,) of the run of identical consecutive rows each row of x (N, 11) belongs to (posterior samples
+    repeat x row after row, so per-cluster work is done once per run)."""
+    return np.concatenate([[0], np.cumsum(np.any(x[1:] != x[:-1], axis=1))]) if len(x) else np.zeros(0, int)
+
+
 def ebv_from_colours(log_age, x):
     """Centre e_c and width w_e (mag) of the E(B-V) the colours imply in the age bin of t' (module docstring).
 
@@ -272,8 +278,7 @@ def ebv_from_colours(log_age, x):
     log_age = np.asarray(log_age, dtype=np.float64)
     if x.ndim != 2 or log_age.shape != x.shape[:1] or len(x) < 2:
         return _ebv_fit(log_age, x)
-    run = np.concatenate([[0], np.cumsum(np.any(x[1:] != x[:-1], axis=1))])      # runs of identical x rows
-    _, first, inverse = np.unique(run * (simulate.AGE_MAX_MYR + 1) + age_bin(log_age), return_index=True,
+    _, first, inverse = np.unique(_runs(x) * (simulate.AGE_MAX_MYR + 1) + age_bin(log_age), return_index=True,
                                   return_inverse=True)
     if len(first) > len(x) // 2:                                                 # mostly distinct: no gain
         return _ebv_fit(log_age, x)
@@ -357,8 +362,9 @@ def age_profile_grid():
     while edges[-1] < n_age:
         edges.append(min(max(np.floor(edges[-1] * 10 ** AGE_PROFILE_DEX) + 0.5, edges[-1] + 1.0), n_age + 0.5))
     edges = np.array(edges)
+    from grid_posterior import log_prior_age                    # P(k) of the simulation's age prior
     k = np.arange(1, n_age + 1, dtype=np.float64)
-    p_k = (np.log10(np.minimum(k + 0.5, n_age)) - np.log10(np.maximum(k - 0.5, 1.0))) / np.log10(n_age)
+    p_k = np.exp(log_prior_age(n_age))
     which = np.searchsorted(edges, k) - 1                       # bin of each integer age
     p_bin = np.bincount(which, p_k, len(edges) - 1)
     tab = simulate.load_table()
@@ -427,9 +433,8 @@ def age_profile(x, beta=1.0, chunk=1000):
     (N,) of each row's run (posterior samples repeat x: computed once per cluster). Chunks of 1,000 rows keep the
     (rows, bins x segments) temporaries in cache: 3x faster than 20,000."""
     x = np.asarray(x, dtype=np.float64).reshape(-1, 11)
-    start = np.concatenate([[True], np.any(x[1:] != x[:-1], axis=1)]) if len(x) else np.zeros(0, bool)
-    first = np.flatnonzero(start)
-    inverse = np.cumsum(start) - 1
+    inverse = _runs(x)
+    first = np.flatnonzero(np.diff(inverse, prepend=-1))
     out = np.concatenate([_age_profile_rows(x[first[i:i + chunk]], beta) for i in range(0, len(first), chunk)]) \
         if len(first) else np.zeros((0, len(age_profile_grid()["edges"]) - 1))
     return out, inverse

@@ -415,6 +415,8 @@ def load(path, device=None):
     if not np.allclose(bounds, preprocess.THETA_BOUNDS, rtol=0, atol=1e-6):
         raise ValueError(f"{path}: theta bounds {bounds.tolist()} differ from preprocess.THETA_BOUNDS")
     settings = ckpt.get("age_profile")          # checkpoints written before this check have none
+    if settings is not None and "shape" not in settings:     # written before band_shape: the log-normal shape
+        settings = dict(settings, shape="lognormal")
     if model.config["age_profile"] and settings is not None and settings != preprocess.age_profile_settings():
         raise ValueError(f"{path}: its age profile was built with {settings}, but preprocess.py now has "
                          f"{preprocess.age_profile_settings()}; restore the AGE_PROFILE_* constants to read it")

@@ -270,3 +270,19 @@ def test_checkpoint_refuses_another_age_profile_setting(tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "AGE_PROFILE_PRIOR", 0.2)
     with pytest.raises(ValueError, match="age profile"):
         cinn.load(path)
+
+
+def test_checkpoint_without_a_band_shape_reads_as_lognormal(tmp_path, monkeypatch):
+    """Checkpoints written before band_shape carry no "shape": their profile was the log-normal one, so they
+    load only with AGE_PROFILE_SHAPE = "lognormal" (and then sample as they were trained)."""
+    model = random_model(9, dtype=torch.float32, floor_scale=0.1, age_profile=0.5)
+    path = tmp_path / "model.pt"
+    cinn.save(path, model)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["age_profile"]["shape"]
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match="age profile"):
+        cinn.load(path)
+    monkeypatch.setattr(pp, "AGE_PROFILE_SHAPE", "lognormal")
+    x = random_x(np.random.default_rng(9), 3)
+    np.testing.assert_array_equal(cinn.load(path).sample(x, 50, seed=1), model.sample(x, 50, seed=1))

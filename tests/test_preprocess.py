@@ -4,6 +4,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
+import grid_posterior as gp
 import preprocess as pp
 
 
@@ -333,12 +334,44 @@ def test_age_profile_warp_round_trip_normalised_and_triangular(beta):
         np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], **mt), np.linalg.slogdet(jac)[1], atol=1e-4)
 
 
-def test_age_profile_equals_brute_force_integral(monkeypatch):
+@pytest.mark.parametrize("r", [0.003, 0.05, 0.15, 0.3, 0.5, 0.8, 2.0, 20.0])
+def test_band_shape_is_the_moments_of_the_exact_band_likelihood(r):
+    """band_shape's table against scipy's adaptive quadrature of exp(l(y)) (grid_posterior.band_loglike),
+    split at the support edge, around the main peak and in the tail: mean within 1e-3 s, sd within 0.2 %."""
+    from scipy.integrate import quad
+    s, edge = np.sqrt(np.log1p(r * r)), np.log(2 * r)
+    top = gp.band_loglike(np.array([max(edge, s * s / 2)]), r)[0]
+    end = max(edge, 0.0) + 40 * s + 5.0
+    cuts = np.unique(np.clip([edge, -10 * s, -3 * s, 0.0, 3 * s, 10 * s, edge + 2.0, end], edge, end))
+    mom = [sum(quad(lambda y: y ** n * np.exp(gp.band_loglike(np.array([y]), r)[0] - top), lo, hi,
+                    limit=200, epsabs=0, epsrel=1e-10)[0] for lo, hi in zip(cuts[:-1], cuts[1:])) for n in range(3)]
+    mean = mom[1] / mom[0]
+    sd = np.sqrt(mom[2] / mom[0] - mean ** 2)
+    m, v = pp.band_shape(r)
+    assert abs(m - mean) < 1e-3 * s
+    assert abs(np.sqrt(v) / sd - 1) < 2e-3
+
+
+def test_band_shape_has_the_log_normal_limit():
+    """For r* -> 0 the band likelihood is the log-normal's: mean s^2/2, variance s^2 (below the table: exact;
+    at its first node, 1e-3, the same to 0.1 %), and the support edge narrows it for large r*."""
+    r = np.array([0.0, 1e-5, 1e-3])
+    s2 = np.log1p(r * r)
+    m, v = pp.band_shape(r)
+    np.testing.assert_allclose(m[:2], s2[:2] / 2, rtol=1e-12)
+    np.testing.assert_allclose(v, s2, rtol=2e-3)
+    assert pp.band_shape(1.0)[1] < 0.02 * np.log1p(1.0)
+
+
+@pytest.mark.parametrize("shape", ["moments", "lognormal"])
+def test_age_profile_equals_brute_force_integral(monkeypatch, shape):
     """Without the mass bounds, the profile is the integral over E(B-V) (ln F linear on each segment) and
-    ln m of the Gaussian band likelihoods times 2/f; here brute force on a 0.0005 mag grid, the mass step
-    by the weighted mean. Only the segment integrals are approximated (maximum times a Gaussian or Mills-ratio
-    width): per bin within log 2, in KL within 0.05 nats. A wrong sign or sum in the algebra is off by nats."""
+    ln m of the Gaussian band likelihoods (moments: band_shape's; lognormal: variance s^2, times 2/f); here
+    brute force on a 0.0005 mag grid, the mass step by the weighted mean. Only the segment integrals are
+    approximated (maximum times a Gaussian or Mills-ratio width): per bin within log 2, in KL within 0.05
+    nats. A wrong sign or sum in the algebra is off by nats."""
     monkeypatch.setattr(pp, "AGE_PROFILE_BOUNDS", False)
+    monkeypatch.setattr(pp, "AGE_PROFILE_SHAPE", shape)
     obs = physical_obs(30, 13)
     x = obs["x"]
     g = pp.age_profile_grid()
@@ -347,13 +380,16 @@ def test_age_profile_equals_brute_force_integral(monkeypatch):
     ln_f = np.stack([[np.interp(e, g["e_nodes"], g["ln_f"][b, :, j]) for j in range(5)]
                      for b in range(len(g["edges"]) - 1)]).transpose(0, 2, 1)       # (B, E, 5)
     s2 = np.log1p(x[:, 5:10] ** 2)
-    w = 1.0 / (s2 + pp.AGE_PROFILE_FLOOR ** 2)
-    y = x[:, 0:5] * np.log(10) + s2 / 2 - 2 * np.log(pp.PC10_IN_MPC / x[:, 10:11])
+    mean, var = (s2 / 2, s2) if shape == "lognormal" else pp.band_shape(x[:, 5:10])
+    w = 1.0 / (var + pp.AGE_PROFILE_FLOOR ** 2)
+    y = x[:, 0:5] * np.log(10) + mean - 2 * np.log(pp.PC10_IN_MPC / x[:, 10:11])
     eps = pp.AGE_PROFILE_PRIOR
     for i in range(len(x)):
         d = y[i] - ln_f
         mu = np.sum(w[i] * d, -1) / w[i].sum()
-        integrand = -0.5 * np.sum(w[i] * (d - mu[..., None]) ** 2, -1) - 5 * mu - ln_f.sum(-1)
+        integrand = -0.5 * np.sum(w[i] * (d - mu[..., None]) ** 2, -1)
+        if shape == "lognormal":
+            integrand += -5 * mu - ln_f.sum(-1)
         ll = logsumexp(integrand, axis=1) + g["log_prior"]
         ll -= logsumexp(ll)
         ref = np.logaddexp(np.log1p(-eps) + ll, np.log(eps) + g["log_prior"])

@@ -82,6 +82,8 @@ DEFAULT_CONFIG = dict(
                       # (preprocess docstring; 0 = the plain transform of the paper)
     age_profile=False,  # beta > 0: age coordinate warped by the CDF of a cheap approximate age posterior
                         # with its likelihood to the power beta (preprocess docstring; 0 = off)
+    band_moments=False,  # the ridges weigh the bands by the moments of their exact likelihood
+                         # (preprocess.band_shape) instead of the log-normal's (False: as before)
 )
 
 

@@ -29,7 +29,9 @@ The mass ridge (optional, `ridge=True` with x): at a given (t', E(B-V)) the phot
 the combined photometric precision, m ~ c(t', E) +- w with, per band, s_b^2 = ln(1 + r*_b^2) and
     c = sum_b w_b (log10 f*_b + s_b^2 / (2 ln 10) - log10 F_b(round(t'), E, d)) / sum_b w_b,   w_b = 1 / s_b^2,
     w = 1 / (ln 10 sqrt(sum_b w_b))                                                         (dex),
-(each band's mass estimate, corrected for E[ln f*] = ln f - s^2/2, weighted by its precision). With precise
+(each band's mass estimate, corrected for E[ln f*] = ln f - s^2/2, weighted by its precision; with
+`band_moments=True` in the model config the offset s_b^2/2 and the variance s_b^2 are instead those of the exact
+band likelihood, band_shape, as in the age profile: 2,000 paired test clusters gain 0.03-0.06 nats). With precise
 photometry the posterior is a thin sheet m ~ c(t', E) that tilts with E(B-V) and jumps from one 1 Myr age bin to
 the next (F_b depends on the integer age), which a smooth flow can only approximate. The ridge term
     u_m = [plain + floor terms] + (m - c(t', E)) / w
@@ -138,13 +140,25 @@ def log_mass_floor(log_age, ebv, x):
 RIDGE_MIN_S2 = 1e-12   # ln-flux variance floor of one band in the ridge weights (r* = 0 would weigh infinitely)
 
 
-def log_mass_ridge(log_age, ebv, x):
+def _ridge_bands(x, moments=False):
+    """Per band, the offset E[ln f - ln f*] and the variance of ln f* the ridges weigh the bands with: the
+    log-normal's (s^2 / 2, s^2), or with moments=True those of the exact band likelihood (band_shape; the
+    support edge f >= 2 sigma makes bands with r* > 0.3 far more informative than the log-normal says)."""
+    if moments:
+        mean, s2 = band_shape(x[..., 5:10])
+    else:
+        s2 = np.log1p(x[..., 5:10] ** 2)
+        mean = s2 / 2.0
+    return mean, np.maximum(s2, RIDGE_MIN_S2)
+
+
+def log_mass_ridge(log_age, ebv, x, moments=False):
     """Centre c (log10 m0) and width w (dex) of the mass the photometry implies at (t', E(B-V)) (module
-    docstring, the mass ridge); arguments as log_mass_floor. w depends on x only."""
+    docstring, the mass ridge); arguments as log_mass_floor, moments as _ridge_bands. w depends on x only."""
     x = np.asarray(x, dtype=np.float64)
-    s2 = np.maximum(np.log1p(x[..., 5:10] ** 2), RIDGE_MIN_S2)             # ln f* variance per band
+    mean, s2 = _ridge_bands(x, moments)
     weight = 1.0 / s2
-    est = x[..., 0:5] + s2 / (2.0 * LN10) - _log_flux_per_msun(log_age, ebv, x)
+    est = x[..., 0:5] + mean / LN10 - _log_flux_per_msun(log_age, ebv, x)
     centre = np.sum(weight * est, axis=-1) / np.sum(weight, axis=-1)
     return centre, 1.0 / (LN10 * np.sqrt(np.sum(weight, axis=-1)))
 
@@ -267,7 +281,7 @@ def _runs(x):
     return np.concatenate([[0], np.cumsum(np.any(x[1:] != x[:-1], axis=1))]) if len(x) else np.zeros(0, int)
 
 
-def ebv_from_colours(log_age, x):
+def ebv_from_colours(log_age, x, moments=False):
     """Centre e_c and width w_e (mag) of the E(B-V) the colours imply in the age bin of t' (module docstring).
 
     The weighted least-squares fit of log10 f*_b = log10 m + log10 F_b(k, E, d) over (log10 m, E), weights the
@@ -279,22 +293,22 @@ def ebv_from_colours(log_age, x):
     x = np.asarray(x, dtype=np.float64)
     log_age = np.asarray(log_age, dtype=np.float64)
     if x.ndim != 2 or log_age.shape != x.shape[:1] or len(x) < 2:
-        return _ebv_fit(log_age, x)
+        return _ebv_fit(log_age, x, moments)
     _, first, inverse = np.unique(_runs(x) * (simulate.AGE_MAX_MYR + 1) + age_bin(log_age), return_index=True,
                                   return_inverse=True)
     if len(first) > len(x) // 2:                                                 # mostly distinct: no gain
-        return _ebv_fit(log_age, x)
-    e, w = _ebv_fit(log_age[first], x[first])
+        return _ebv_fit(log_age, x, moments)
+    e, w = _ebv_fit(log_age[first], x[first], moments)
     return e[inverse], w[inverse]
 
 
-def _ebv_fit(log_age, x):
+def _ebv_fit(log_age, x, moments=False):
     """The fit of ebv_from_colours, row by row."""
     x = np.asarray(x, dtype=np.float64)
-    s2 = np.maximum(np.log1p(x[..., 5:10] ** 2), RIDGE_MIN_S2)
+    mean, s2 = _ridge_bands(x, moments)
     weight = LN10 ** 2 / s2                                                  # 1 / variance of log10 f*
     wsum = np.sum(weight, axis=-1, keepdims=True)
-    y = x[..., 0:5] + s2 / (2.0 * LN10)
+    y = x[..., 0:5] + mean / LN10
     e, lo, hi = np.zeros(np.shape(log_age)), EBV_BOUNDS[0], EBV_BOUNDS[1]
     for step in range(EBV_RIDGE_STEPS + 1):
         e0 = np.clip(e, lo, hi)
@@ -548,37 +562,40 @@ def _age_from_u(u, x, beta=1.0):
     return np.log10(t).reshape(shape)
 
 
-def depends_on_x(x, scale, ridge, ebv_ridge=False, age_profile=False):
+def depends_on_x(x, scale, ridge, ebv_ridge=False, age_profile=False, moments=False):
     """Whether the target transform depends on x: given x, with the floor (scale > 0), a ridge or the age
-    profile."""
+    profile (moments only changes how the ridges weigh the bands)."""
     return x is not None and (scale > 0 or ridge or ebv_ridge or age_profile)
 
 
-def _mass_terms(theta, x, scale, ridge):
+def _mass_terms(theta, x, scale, ridge, moments=False):
     """The floor a (2 without the floor term) and the ridge (c, w) or None at theta's (t', E(B-V))."""
     a = log_mass_floor(theta[..., 0], theta[..., 2], x) if scale > 0 else np.full(theta.shape[:-1], M_LO)
-    return a, (log_mass_ridge(theta[..., 0], theta[..., 2], x) if ridge else None)
+    return a, (log_mass_ridge(theta[..., 0], theta[..., 2], x, moments) if ridge else None)
 
 
-def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
+def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False,
+               moments=False):
     """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
     With x: log mass gets the floor term (scale > 0; -> -inf at the floor of theta's t', E) and the ridge term
     (ridge=True), E(B-V) its ridge term (ebv_ridge=True), and the age the age profile's CDF warp (age_profile =
-    beta > 0) of the module docstring; x None, or scale 0 and nothing else, is the plain transform."""
+    beta > 0) of the module docstring; moments=True: the ridges use band_shape's moments (_ridge_bands); x None,
+    or scale 0 and nothing else, is the plain transform."""
     theta = _check_theta(theta)
     a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]
     u = ndtri(np.clip((theta - a) / (b - a), EPS, 1.0 - EPS))
     if depends_on_x(x, scale, ridge, ebv_ridge, age_profile):
-        floor, rg = _mass_terms(theta, x, scale, ridge)
+        floor, rg = _mass_terms(theta, x, scale, ridge, moments)
         u[..., 1] = _mass_u(theta[..., 1], floor, scale, rg)
         if ebv_ridge:
-            u[..., 2] = _ebv_u(theta[..., 2], ebv_from_colours(theta[..., 0], x))
+            u[..., 2] = _ebv_u(theta[..., 2], ebv_from_colours(theta[..., 0], x, moments))
         if age_profile:
             u[..., 0] = _age_u_du(theta[..., 0], x, age_profile)[0]
     return u
 
 
-def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
+def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False,
+               moments=False):
     """Inverse of theta_to_u: theta = a + (b - a) Phi(u); with x: age first (from the age profile's CDF), then
     E(B-V) (about its ridge at that age), then the mass above the floor (and about the ridge) they set."""
     u = _check_theta(u)
@@ -587,41 +604,44 @@ def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_p
         if age_profile:
             theta[..., 0] = _age_from_u(u[..., 0], x, age_profile)
         if ebv_ridge:
-            theta[..., 2] = _ebv_from_u(u[..., 2], ebv_from_colours(theta[..., 0], x))
+            theta[..., 2] = _ebv_from_u(u[..., 2], ebv_from_colours(theta[..., 0], x, moments))
         if scale > 0 or ridge:
-            floor, rg = _mass_terms(theta, x, scale, ridge)
+            floor, rg = _mass_terms(theta, x, scale, ridge, moments)
             theta[..., 1] = _mass_from_u(u[..., 1], floor, scale, rg)
     return theta
 
 
-def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
+def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False,
+                  moments=False):
     """The diagonal of the transform's Jacobian, log du_i/dtheta_i (..., 3): du/dtheta = 1 / ((b - a) phi(u)),
     phi the standard normal density; with x the log-mass and E(B-V) terms of the floor / ridge transforms and
     the age profile's log density."""
     theta = _check_theta(theta)
     terms = np.stack([_log_plain_du(theta[..., j], j) for j in range(3)], axis=-1)
     if depends_on_x(x, scale, ridge, ebv_ridge, age_profile):
-        floor, rg = _mass_terms(theta, x, scale, ridge)
+        floor, rg = _mass_terms(theta, x, scale, ridge, moments)
         terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale, rg)
         if ebv_ridge:
-            terms[..., 2] = _ebv_u_du(theta[..., 2], ebv_from_colours(theta[..., 0], x))[1]
+            terms[..., 2] = _ebv_u_du(theta[..., 2], ebv_from_colours(theta[..., 0], x, moments))[1]
         if age_profile:
             terms[..., 0] = _age_u_du(theta[..., 0], x, age_profile)[1]
     return terms
 
 
-def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False):
+def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False,
+                       moments=False):
     """sum_i log|du_i/dtheta_i| (N,) (the Jacobian is triangular, also with the floor and the ridges: a sum of
     the diagonal).  p_theta(theta | x) = p_u(u(theta) | x) * exp(log_det_theta_to_u(theta, x or None)).
     """
-    return np.sum(log_du_dtheta(theta, x, scale, ridge, ebv_ridge, age_profile), axis=-1)
+    return np.sum(log_du_dtheta(theta, x, scale, ridge, ebv_ridge, age_profile, moments), axis=-1)
 
 
 def target_transform(config):
     """The target transform options of a model config (keyword arguments of theta_to_u and the others);
     configs written before the ridges existed have none."""
     return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)),
-                ebv_ridge=bool(config.get("ebv_ridge", False)), age_profile=float(config.get("age_profile", 0.0)))
+                ebv_ridge=bool(config.get("ebv_ridge", False)), age_profile=float(config.get("age_profile", 0.0)),
+                moments=bool(config.get("band_moments", False)))
 
 
 def below_floor(theta, x, tol=1e-6):

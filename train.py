@@ -40,7 +40,8 @@ PROFILES = {
     # cluster) rules out re-drawing the noise every epoch, so the quick profile trains on one fixed draw, like
     # the paper (online was worth nothing at 60 epochs)
     "quick": dict(model=dict(n_blocks=6, width=96, depth=2, clamp=2.0, cond_dim=32, cond_width=96, cond_depth=2,
-                             floor_scale=0.1, ridge=True, ebv_ridge=True, age_profile=1.0),
+                             floor_scale=0.1, ridge=True, ebv_ridge=True, age_profile=1.0,
+                             band_moments=True),
                   train=dict(epochs=60, batch_size=2048, lr=2e-3, lr_final=1e-5, l2=1e-7, clip_norm=10.0,
                              patience=12, online=False)),
     # GPU, 5e6 clusters (paper scale). Batch 16384 at lr 1.5e-3: on an H200 the step time is set by kernel

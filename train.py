@@ -35,10 +35,10 @@ PROFILES = {
     # CPU, a few 1e5 clusters, <= 20 min on 2 cores (see README for the measured throughput). Both profiles
     # use the mass floor and the two ridges (preprocess docstring): on the quick profile the mass ridge
     # improved the test NLL by 0.76 nats, the E(B-V) ridge by 0.18 more (README, measured figures). The quick
-    # profile also warps the age by the age profile (beta = 1): on 2,000 test clusters the mean log q at the true
-    # theta is 0.07 +- 0.015 nats above the ridges-only model's (README, measured figures). Its cost (0.17 ms per
-    # cluster) rules out re-drawing the noise every epoch, so the quick profile trains on one fixed draw, like
-    # the paper (online was worth nothing at 60 epochs)
+    # profile also warps the age by the age profile (beta = 1) and weighs the bands of the ridges by the moments
+    # of their exact likelihood (band_moments): KL to the exact posterior 0.38 -> 0.24 nats on 200 test clusters
+    # (README, measured figures). The profile's cost (0.17 ms per cluster) rules out re-drawing the noise every
+    # epoch, so the quick profile trains on one fixed draw, like the paper (online was worth nothing at 60 epochs)
     "quick": dict(model=dict(n_blocks=6, width=96, depth=2, clamp=2.0, cond_dim=32, cond_width=96, cond_depth=2,
                              floor_scale=0.1, ridge=True, ebv_ridge=True, age_profile=1.0,
                              band_moments=True),
@@ -47,8 +47,9 @@ PROFILES = {
     # GPU, 5e6 clusters (paper scale). Batch 16384 at lr 1.5e-3: on an H200 the step time is set by kernel
     # launches, so twice the batch is ~twice the samples/s; in 4.4 minutes it reached a test NLL 0.11 nats
     # better than batch 8192 at lr 1e-3 in 5.6 (and 8192 was 0.8 better than 2048; README, measured figures).
-    # No age profile yet: not trained at this scale (no GPU since), and its one-off NumPy cost for 5e6
-    # clusters (~7 CPU-min) would eat half of a 15-minute device lend; add "age_profile": 0.5 to try it
+    # No age profile and no band_moments yet: not trained at this scale (no GPU since). band_moments costs
+    # nothing; the age profile's one-off NumPy cost for 5e6 clusters (~14 CPU-min at 0.17 ms each) would eat a
+    # 15-minute device lend unless precomputed; add "age_profile": 1.0, "band_moments": true to try them
     "paper": dict(model=dict(n_blocks=10, width=256, depth=3, clamp=2.0, cond_dim=64, cond_width=256,
                              cond_depth=3, floor_scale=0.1, ridge=True, ebv_ridge=True),
                   train=dict(epochs=100, batch_size=16384, lr=1.5e-3, lr_final=5e-6, l2=1e-7, clip_norm=10.0,

@@ -78,9 +78,10 @@ def test_density_of_random_model_integrates_to_one_in_u_space():
     assert float(torch.max(torch.abs(logp - std_normal)[std_normal > -6])) > 0.5
 
 
-@pytest.mark.parametrize("floor_scale,ridge,age_profile", [(0.0, False, 0.0), (0.1, False, 0.0), (0.0, True, 0.0),
-                                                           (0.1, False, 0.5)])
-def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, age_profile):
+@pytest.mark.parametrize("floor_scale,ridge,age_profile,moments", [(0.0, False, 0.0, False), (0.1, False, 0.0, False),
+                                                                   (0.0, True, 0.0, False), (0.0, True, 0.0, True),
+                                                                   (0.1, False, 0.5, False)])
+def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, age_profile, moments):
     """3-D histogram of sample() vs exp(log_prob) integrated over the same bins (physical coordinates).
 
     Bins cover the central 80 % of each axis: there the physical density is smooth and a midpoint rule is
@@ -91,7 +92,7 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, a
     age (at 12 the rule is off by up to 10 sigma on spiky profiles; converged at 150), 8 in mass and E(B-V)
     (time); using the plain transform's bin edges in log_prob fails it.
     """
-    model = random_model(5, floor_scale=floor_scale, ridge=ridge, age_profile=age_profile)
+    model = random_model(5, floor_scale=floor_scale, ridge=ridge, age_profile=age_profile, band_moments=moments)
     rng = np.random.default_rng(5)
     x = random_x(rng, 1)
     if floor_scale or ridge:     # a cluster whose floor (ridge) cuts through the box tested below
@@ -109,7 +110,7 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, a
         assert 0.2 < np.mean(floor > 2.5) and np.mean(floor > 7.9) < 0.05
     lo_in, hi_in = lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)
     if ridge:
-        c, w = pp.log_mass_ridge(s[:, 0], s[:, 2], x[0])
+        c, w = pp.log_mass_ridge(s[:, 0], s[:, 2], x[0], moments)
         assert np.mean(np.abs(s[:, 1] - c) < 5 * w) > 0.7 and w < 0.2       # the samples follow the ridge
         s = s.copy()
         s[:, 1] = (s[:, 1] - c) / w
@@ -120,7 +121,7 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, a
     mids = [lo_in[i] + (np.arange(nb * sub[i]) + 0.5) * (hi_in[i] - lo_in[i]) / (nb * sub[i]) for i in range(3)]
     pts = np.stack(np.meshgrid(*mids, indexing="ij"), -1).reshape(-1, 3)
     if ridge:
-        c, w = pp.log_mass_ridge(pts[:, 0], pts[:, 2], x[0])
+        c, w = pp.log_mass_ridge(pts[:, 0], pts[:, 2], x[0], moments)
         pts[:, 1] = c + w * pts[:, 1]
     dens = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0))) * (w if ridge else 1.0)
     cell = np.prod((hi_in - lo_in) / (nb * sub))
@@ -150,14 +151,16 @@ def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds()
     np.testing.assert_allclose(many[:, 2], model.log_prob(theta, x))
 
 
-@pytest.mark.parametrize("floor_scale,ridges,age_profile", [(0.0, False, 0.0), (0.1, False, 0.0), (0.1, True, 0.0),
-                                                            (0.1, True, 0.5)])
-def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges, age_profile):
+@pytest.mark.parametrize("floor_scale,ridges,age_profile,moments", [(0.0, False, 0.0, False), (0.1, False, 0.0, False),
+                                                                    (0.1, True, 0.0, False), (0.1, True, 0.5, False),
+                                                                    (0.1, True, 1.0, True)])
+def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges, age_profile, moments):
     """q_bin(log t', m, E) = Q(k, m, E) t' ln 10 with Q the flow's integral over the 1 Myr bin k: checked
     against a trapezoid rule in log t' (not u, where log_prob integrates), for the first 40 bins. With the
     ridges u_m and u_E depend on the bin (constant inside it), so the integral in u_0 alone still holds; with
     the age profile u_0 is its CDF, no longer the plain transform."""
-    model = random_model(11, floor_scale=floor_scale, ridge=ridges, ebv_ridge=ridges, age_profile=age_profile)
+    model = random_model(11, floor_scale=floor_scale, ridge=ridges, ebv_ridge=ridges, age_profile=age_profile,
+                         band_moments=moments)
     rng = np.random.default_rng(11)
     x = random_x(rng, 1)
     if floor_scale:
@@ -165,8 +168,8 @@ def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges
     m, e = 5.5, 0.4
     if ridges:                         # a brighter cluster, near both ridges at 20 Myr: density not negligible
         x[0, :5], x[0, 5:10] = [-2.0, -2.2, -2.1, -2.0, -1.8], 0.1
-        e = float(np.clip(pp.ebv_from_colours(np.log10(20.0), x[0])[0], 0.05, 1.45))
-        m = float(pp.log_mass_ridge(np.log10(20.0), e, x[0])[0])
+        e = float(np.clip(pp.ebv_from_colours(np.log10(20.0), x[0], moments)[0], 0.05, 1.45))
+        m = float(pp.log_mass_ridge(np.log10(20.0), e, x[0], moments)[0])
     k = np.arange(2, 41)
     q_bin, q_trap = [], []
     for kk in k:

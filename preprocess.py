@@ -53,8 +53,8 @@ approximation of that posterior, P(bin | x) on 1 Myr bins up to 40 Myr and AGE_P
     P_prof(bin) ~ P_prior(bin) L(bin)^beta,   L = integral over E(B-V) and log m of the band likelihoods,
 with each band's exact likelihood (the log-normal density of f*, the factor p(sigma | f) = 2/f and the support
 edge f >= 2 sigma) replaced by the Gaussian in ln f with the same mean and variance (band_shape; variance plus
-AGE_PROFILE_FLOOR^2), ln F_b linear in E(B-V) on twelve 0.125 mag segments, the mass integrated analytically and the
-prior's mass range [2, 8] and the floor m F_b >= 2 sigma_b imposed at the best E(B-V) of each segment
+AGE_PROFILE_FLOOR^2), ln F_b linear in E(B-V) on twelve 0.125 mag segments, the mass integrated analytically
+and the prior's mass range [2, 8] and the floor m F_b >= 2 sigma_b imposed at the best E(B-V) of each segment
 (_age_profile_rows; a brute-force integration agrees to < 0.05 nats in KL). On 200 test clusters its age
 marginal is 0.097 nats in KL from the exact one (the prior's is 1.36). If the profile were the posterior,
 u_t would be standard normal for every x and the flow would only have to learn the mass and E(B-V); eps keeps
@@ -140,10 +140,11 @@ def log_mass_floor(log_age, ebv, x):
 RIDGE_MIN_S2 = 1e-12   # ln-flux variance floor of one band in the ridge weights (r* = 0 would weigh infinitely)
 
 
-def _ridge_bands(x, moments=False):
-    """Per band, the offset E[ln f - ln f*] and the variance of ln f* the ridges weigh the bands with: the
-    log-normal's (s^2 / 2, s^2), or with moments=True those of the exact band likelihood (band_shape; the
-    support edge f >= 2 sigma makes bands with r* > 0.3 far more informative than the log-normal says)."""
+def _band_moments(x, moments=False):
+    """Per band, the offset E[ln f - ln f*] and the variance of ln f* that the ridges and the age profile weigh
+    the bands with: the log-normal's (s^2 / 2, s^2), or with moments=True those of the exact band likelihood
+    (band_shape; the support edge f >= 2 sigma makes bands with r* > 0.3 far more informative than the
+    log-normal says). Variances floored at RIDGE_MIN_S2."""
     if moments:
         mean, s2 = band_shape(x[..., 5:10])
     else:
@@ -154,9 +155,9 @@ def _ridge_bands(x, moments=False):
 
 def log_mass_ridge(log_age, ebv, x, moments=False):
     """Centre c (log10 m0) and width w (dex) of the mass the photometry implies at (t', E(B-V)) (module
-    docstring, the mass ridge); arguments as log_mass_floor, moments as _ridge_bands. w depends on x only."""
+    docstring, the mass ridge); arguments as log_mass_floor, moments as _band_moments. w depends on x only."""
     x = np.asarray(x, dtype=np.float64)
-    mean, s2 = _ridge_bands(x, moments)
+    mean, s2 = _band_moments(x, moments)
     weight = 1.0 / s2
     est = x[..., 0:5] + mean / LN10 - _log_flux_per_msun(log_age, ebv, x)
     centre = np.sum(weight * est, axis=-1) / np.sum(weight, axis=-1)
@@ -305,7 +306,7 @@ def ebv_from_colours(log_age, x, moments=False):
 def _ebv_fit(log_age, x, moments=False):
     """The fit of ebv_from_colours, row by row."""
     x = np.asarray(x, dtype=np.float64)
-    mean, s2 = _ridge_bands(x, moments)
+    mean, s2 = _band_moments(x, moments)
     weight = LN10 ** 2 / s2                                                  # 1 / variance of log10 f*
     wsum = np.sum(weight, axis=-1, keepdims=True)
     y = x[..., 0:5] + mean / LN10
@@ -376,7 +377,8 @@ def _band_shape_table():
         y = np.unique(np.concatenate([np.linspace(edge, edge + 3.0, 3001),
                                       np.linspace(max(edge, -30.0 * s), 30.0 * s, 6001),
                                       np.linspace(edge, edge + 40.0 * s + 3.0, 20001)]))
-        p = np.exp(band_loglike(y, r) - band_loglike(y, r).max())
+        ll = band_loglike(y, r)
+        p = np.exp(ll - ll.max())
         dy, ym = np.diff(y), 0.5 * (y[1:] + y[:-1])
         pm = 0.5 * (p[1:] + p[:-1]) * dy                          # trapezoid weights of the intervals
         m = np.sum(pm * ym) / pm.sum()
@@ -409,7 +411,8 @@ def age_profile_settings():
     """The age profile's constants: a checkpoint stores them, and cinn.load refuses a model whose profile was
     built with other values than this module's (the model config records only beta)."""
     return dict(split=AGE_PROFILE_SPLIT, dex=AGE_PROFILE_DEX, segments=AGE_PROFILE_SEGMENTS,
-                floor=AGE_PROFILE_FLOOR, bounds=AGE_PROFILE_BOUNDS, prior=AGE_PROFILE_PRIOR, shape=AGE_PROFILE_SHAPE)
+                floor=AGE_PROFILE_FLOOR, bounds=AGE_PROFILE_BOUNDS, prior=AGE_PROFILE_PRIOR,
+                shape=AGE_PROFILE_SHAPE)
 
 
 def age_profile_grid():
@@ -447,7 +450,8 @@ def _age_profile_rows(x, beta=1.0):
     Per bin and E(B-V) segment, with d_b = ln f*_b + mean_b - ln F_b(bin, E_j) (at 10 pc; mean_b, 1 / w_b from
     band_shape) and ln F_b linear in e = E - E_j (slope s_b), the log integrand after integrating ln m
     analytically is, up to constants,
-        g(e) = -chi2(e) / 2,   chi2 = sum_b w_b (d_b - s_b e - ln m_hat(e))^2,   ln m_hat(e) = sum_b w_b (d_b - s_b e) / W,
+        g(e) = -chi2(e) / 2,   chi2 = sum_b w_b (d_b - s_b e - ln m_hat(e))^2,
+        ln m_hat(e) = sum_b w_b (d_b - s_b e) / W,
     a quadratic -c/2 + e dd - e^2 q / 2 whose sums over bands are matrix products over all (bin, segment)
     columns at once. Its integral over the segment is taken as its maximum times the Gaussian width
     sqrt(2 pi / q) (maximum inside) or a Mills-ratio width 1 / (|g'| + sqrt(2 q / pi)) (maximum on an end).
@@ -460,12 +464,8 @@ def _age_profile_rows(x, beta=1.0):
     B, J = a.shape[:2]
     a, s = a.reshape(B * J, 5), s.reshape(B * J, 5)
     moments = AGE_PROFILE_SHAPE == "moments"
-    if moments:
-        y_mean, s2 = band_shape(x[:, 5:10])
-    else:
-        s2 = np.log1p(x[:, 5:10] ** 2)
-        y_mean = s2 / 2.0                                       # E[ln f*] = ln f
-    w = 1.0 / (s2 + AGE_PROFILE_FLOOR ** 2)                     # (N, 5)
+    y_mean, s2 = _band_moments(x, moments)                      # (N, 5) each
+    w = 1.0 / (s2 + AGE_PROFILE_FLOOR ** 2)
     y_raw = x[:, 0:5] * LN10 - 2.0 * np.log(PC10_IN_MPC / x[:, 10:11])         # ln f* at 10 pc
     y = y_raw + y_mean
     W = w.sum(1, keepdims=True)
@@ -579,7 +579,7 @@ def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, a
     """Bounded physical targets -> unbounded u = Phi^-1((theta - a)/(b - a)); finite on the bounds (clipped).
     With x: log mass gets the floor term (scale > 0; -> -inf at the floor of theta's t', E) and the ridge term
     (ridge=True), E(B-V) its ridge term (ebv_ridge=True), and the age the age profile's CDF warp (age_profile =
-    beta > 0) of the module docstring; moments=True: the ridges use band_shape's moments (_ridge_bands); x None,
+    beta > 0) of the module docstring; moments=True: the ridges use band_shape's moments (_band_moments); x None,
     or scale 0 and nothing else, is the plain transform."""
     theta = _check_theta(theta)
     a, b = THETA_BOUNDS[:, 0], THETA_BOUNDS[:, 1]

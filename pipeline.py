@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 
 PROFILES = {
     # 2-core CPU, <= 30 min in all (training is capped by --max-minutes)
-    "quick": dict(n_sim=400_000, n_val=20_000, n_test=20_000, train_minutes=18.0, sbc_n=10_000, sbc_L=100,
+    "quick": dict(n_sim=1_040_000, n_val=20_000, n_test=20_000, train_minutes=18.0, sbc_n=10_000, sbc_L=100,
                   ppc_n=1000, ppc_samples=500, exact_n=50, exact_samples=10_000, catalog_n=300,
                   catalog_samples=2000, catalog_distance_mpc=10.0),
     # seconds: every stage on toy sizes, to check the wiring (tests/test_pipeline.py); numbers meaningless

@@ -156,6 +156,22 @@ def write_tiny_data(directory, n=2_500, seed=0):
         simulate.save_npz(directory / f"{name}.npz", **obs)
 
 
+def test_target_transform_in_worker_processes_equals_one_process():
+    """--workers splits the one-off transform (with the age profile and both ridges) over processes: the same
+    u, up to the order of BLAS sums (the parent may use several BLAS threads, the workers one each)."""
+    simulate = pytest.importorskip("simulate")
+    obs = pp.preprocess(simulate.simulate(900, seed=3), n_val=100, n_test=100, seed=3)["train"]
+    tf = pp.target_transform(cinn.CINN(train.resolve_config("quick")["model"]).config)
+    assert tf["age_profile"] and tf["ridge"] and tf["ebv_ridge"]
+    one = train.targets_to_u(obs["theta"], obs["x"], tf, workers=1)
+    two = train.targets_to_u(obs["theta"], obs["x"], tf, workers=2, chunk=300)
+    assert one.shape == two.shape == (700, 3) and np.all(np.isfinite(two))
+    np.testing.assert_allclose(two, one, rtol=0, atol=1e-9)
+    # and a chunk that is not a whole number of rows per worker keeps the row order
+    np.testing.assert_allclose(train.targets_to_u(obs["theta"], obs["x"], tf, workers=2, chunk=233), one,
+                               rtol=0, atol=1e-9)
+
+
 def test_cli_train_online_evaluate_and_hyperband(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

@@ -64,6 +64,7 @@ def stages(out, profile, seed, threads=None):
         train_cmd += ["--max-minutes", str(p["train_minutes"])]
     if threads:
         train_cmd += ["--threads", str(threads)]
+    train_cmd += ["--workers", str(threads or min(os.cpu_count() or 1, 8))]   # the one-off target transform
     syn = cat / "synthetic_phangs.fits"
     return [
         ("simulate", [out / "sim.npz"],

@@ -702,8 +702,9 @@ def inlier_table(name, ref, lo, hi, quantiles, map_theta, param_names):
                   "n_map_in_ref": np.asarray(f["n_map_in_mle"])})
 
 
-def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None):
-    """Assemble the per-cluster result table (astropy Table) with units in the column descriptions."""
+def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None, densest=None):
+    """Assemble the per-cluster result table (astropy Table) with units in the column descriptions.
+    densest: (N, 3) evaluate.densest_sample (log10 age bin, log10 m0, E(B-V)), as *_densest columns."""
     from astropy.table import Table
     t = Table()
     t["field"] = obs["field"]
@@ -719,6 +720,11 @@ def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None):
             t[f"{p}_q{lev}"] = q[:, k, j]
         for c in (f"{p}_map", f"{p}_mode2", f"{p}_mode3", f"{p}_q16", f"{p}_q50", f"{p}_q84"):
             t[c].description = RESULT_UNITS[p]
+    if densest is not None:
+        for j, p in enumerate(("log10_age_myr", "log10_mass", "ebv")):
+            t[f"{p}_densest"] = densest[:, j]
+            t[f"{p}_densest"].description = (RESULT_UNITS[p] + "; the posterior sample of highest exact density "
+                                             "(likelihood x prior; age as its 1 Myr bin): evaluate.densest_sample")
     t["n_modes"] = summ["n_modes"]
     t["chi2_resim_map"] = chi2_map
     t["chi2_resim_map"].description = "Eq. 11 re-simulation chi^2 of the MAP (nu = 5 bands)"
@@ -775,7 +781,8 @@ def run_catalog(args):
         res_grid = evaluate.compare_with_mle(summ3, th, lo, hi, obs)
         theta4, lo4, hi4 = with_mstar(th, lo, hi)
         mle, chi2_mle = {"theta": theta4, "lo": lo4, "hi": hi4}, res_grid["chi2_mle"]
-    table = result_table(obs, est, summ, chi2_map, mle, chi2_mle)
+    densest = evaluate.densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
+    table = result_table(obs, est, summ, chi2_map, mle, chi2_mle, densest)
     cat, clo, chi = catalogue_estimates(est)
     res_cat = None
     if np.isfinite(cat).any():

@@ -120,6 +120,24 @@ def three_mode_mixture(n, rng):
     return centres, centres[k] + rng.standard_normal((n, 3)) * np.array([0.5, 0.4, 0.3])
 
 
+def test_densest_sample_picks_the_sample_of_highest_exact_density():
+    """A precise cluster's true parameters planted among prior draws: the exact density ranks it first
+    (argmin, or another sample's row, would not); the age comes back as its bin, log10 round(t')."""
+    simulate = pytest.importorskip("simulate")
+    rng = np.random.default_rng(5)
+    n, S = 3, 2000
+    prior = simulate.sample_prior(n * S, rng)
+    samples = np.stack([np.log10(prior["age_myr"] + rng.uniform(-0.5, 0.5, n * S)), prior["log10_mass"],
+                        prior["ebv"]], axis=1).reshape(n, S, 3)
+    truth = np.array([[np.log10(25.3), 5.2, 0.31], [np.log10(4100.4), 6.7, 0.05], [np.log10(2.2), 3.9, 0.8]])
+    planted = rng.integers(S, size=n)
+    samples[np.arange(n), planted] = truth
+    d = np.array([3.0, 12.0, 20.0])
+    flux = simulate.model_flux(np.rint(10 ** truth[:, 0]), truth[:, 2], truth[:, 1], d)
+    got = ev.densest_sample(samples, flux, np.full((n, 5), 0.02), d)
+    np.testing.assert_allclose(got, np.column_stack([np.log10(np.rint(10 ** truth[:, 0])), truth[:, 1:]]))
+
+
 def test_mean_shift_flat_agrees_with_sklearn():
     from sklearn.cluster import MeanShift
     rng = np.random.default_rng(5)

@@ -214,6 +214,28 @@ def test_log_density_consistent_with_cells(table):
     assert np.all(out == -np.inf)
 
 
+def test_log_map_density_is_what_the_grid_map_maximises(table):
+    """log_map_density: at the cell centres, the cells' own L + log P(k) + ln k up to the table interpolation
+    of l(y) (the grid MAP is its maximum over the cells), and log_density minus it is one constant (the
+    evidence and the prior volume) wherever t' = k."""
+    rng = np.random.default_rng(11)
+    theta, fs, rs, d, k = simulate_obs(table, 3, rng)
+    posts = gp.exact_posterior(fs, rs, d, table=table)
+    for i, post in enumerate(posts):
+        th = np.stack([np.log10(post["k"]), post["log10_mass"], post["ebv"]], axis=1)
+        v, kk = gp.log_map_density(th, fs[i], rs[i], d[i], table=table)
+        assert np.array_equal(kk, post["k"])
+        cells = post["log_like"] + gp.log_prior_age(table["ln_flux"].shape[0])[post["k"] - 1] + np.log(post["k"])
+        # the cells read l(y) from its lookup table (linear interpolation, step s/32 per band: ~1e-3 nats over
+        # five bands, more beside the support edge where l(y) is steep)
+        assert np.median(np.abs(v - cells)) < 2e-3 and np.max(np.abs(v - cells)) < 1e-2
+        v_map, _ = gp.log_map_density(post["map"], fs[i], rs[i], d[i], table=table)
+        assert abs(v_map - cells.max()) < 1e-2 and v_map >= v.max() - 1e-2
+        top = np.argsort(post["prob"])[-200:]
+        ld = gp.log_density(th[top][None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1], posts=[post], table=table)[0]
+        assert np.ptp(ld - v[top]) < 1e-9
+
+
 def test_samples_follow_quantiles(table):
     rng = np.random.default_rng(5)
     theta, fs, rs, d, k = simulate_obs(table, 2, rng)

@@ -159,10 +159,13 @@ def summarize_run(out):
     e = _load_json(out / "eval" / "exact" / "exact.json")
     if e:
         summ["exact"] = {k: e.get(k) for k in ("kl_mean_nats", "kl_se_nats", "median_width_ratio_cinn_over_exact",
-                                               "share_map_within_0p1_dex_age")}
+                                               "share_map_within_0p1_dex_age",
+                                               "share_densest_cinn_sample_within_0p1_dex_age")}
+        dense = e.get("share_densest_cinn_sample_within_0p1_dex_age")     # absent from older runs' files
         lines.append(f"exact posterior ({e.get('n_clusters')} clusters): KL estimate {e['kl_mean_nats']:.3f} +- "
                      f"{e['kl_se_nats']:.3f} nats; cINN MAP within 0.1 dex in age of the exact MAP for "
-                     f"{e['share_map_within_0p1_dex_age']:.0%}")
+                     f"{e['share_map_within_0p1_dex_age']:.0%}"
+                     + (f" (the cINN sample of highest exact density: {dense:.0%})" if dense is not None else ""))
     inl = out / "catalog" / "synthetic_phangs_result_inliers.ecsv"
     if inl.exists():
         from astropy.table import Table

@@ -1021,8 +1021,9 @@ def cmd_exact(args):
     (where the exact density is zero); Fig. 5 style example marginals.
 
     The exact MAP is the grid posterior's density maximum (post['map']); the cINN MAP is the densest
-    mean-shift mode of its samples; beside it, the cINN sample of highest exact density (densest_sample). As a same-estimator check, the mean-shift MAP of 1e4 exact samples
-    (grid_posterior.sample_posterior) is compared too. Widths: 16-84 % of the cINN samples over the grid
+    mean-shift mode of its samples; beside it, the cINN sample of highest exact density (densest_sample). As a
+    same-estimator check, the mean-shift MAP of 1e4 exact samples (grid_posterior.sample_posterior) is compared
+    too. Widths: 16-84 % of the cINN samples over the grid
     posterior's 16-84 % marginal quantiles."""
     import simulate
     obs = load_obs(args.obs, args.n, need_theta=True)

@@ -53,7 +53,7 @@ PROFILES = {
     # better than batch 8192 at lr 1e-3 in 5.6 (and 8192 was 0.8 better than 2048; README, measured figures).
     # With the age profile and band_moments as in the quick profile (ninth session, H200, 36 epochs in 6 min,
     # sharing the GPU with a second run): 0.061 +- 0.011 nats per cluster better than the quick model of the
-    # eighth session, 0.038 +- 0.010 better than today's. The age profile's one-off cost (~0.2 ms per cluster,
+    # eighth session, 0.038 +- 0.010 better than the ninth's. The age profile's one-off cost (~0.2 ms per cluster,
     # 16 CPU-min for 5e6) is spread over processes: train.py --workers (3.2 min with 8 per run, two runs)
     "paper": dict(model=dict(n_blocks=10, width=256, depth=3, clamp=2.0, cond_dim=64, cond_width=256,
                              cond_depth=3, floor_scale=0.1, ridge=True, ebv_ridge=True, age_profile=1.0,
@@ -110,8 +110,9 @@ def tensors(obs, device, n=None, transform=None, workers=1):
 
 
 def targets_to_u(theta, x, transform, workers=1, chunk=100_000):
-    """preprocess.theta_to_u of every row, in `workers` processes of `chunk` rows each (the same numbers: the
-    transform is row by row). With the age profile it costs ~0.2 ms per cluster, 16 CPU-min for the paper's
+    """preprocess.theta_to_u of every row, in `workers` processes of `chunk` rows each (the transform is row by
+    row: the same numbers, up to the order of BLAS sums where the caller's BLAS uses several threads, 1e-10).
+    With the age profile it costs ~0.2 ms per cluster, 16 CPU-min for the paper's
     5e6, so on a GPU machine the one-off transform would otherwise outlast much of a short training budget.
     Spawned (not forked) processes, each with one BLAS thread: safe after CUDA has started; as with any spawned
     pool, a script that calls this with workers > 1 needs the `if __name__ == "__main__":` guard (train.py has it)."""

@@ -789,7 +789,8 @@ def _summary_or_run(args, obs, model):
 
 
 def cmd_modes(args):
-    """Posterior samples -> modes (mean-shift), MAP, 16/50/84 % quantiles; the posterior-samples .npz."""
+    """Posterior samples -> modes (mean-shift), MAP, 16/50/84 % quantiles, the densest sample (densest_sample);
+    the posterior-samples .npz."""
     import simulate
     obs = load_obs(args.obs, args.n)
     if args.samples_file:
@@ -801,7 +802,8 @@ def cmd_modes(args):
         samples, summ = _summary_or_run(args, obs, load_model(args.model, args.device))
     arrays = dict(modes=summ["modes"], mode_density=summ["mode_density"], n_modes=summ["n_modes"],
                   quantiles=summ["quantiles"], quantile_levels=np.array(QUANTILE_LEVELS),
-                  param_names=np.array(PARAM_NAMES), kernel=args.kernel, seed=args.seed)
+                  param_names=np.array(PARAM_NAMES), kernel=args.kernel, seed=args.seed,
+                  densest=densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]))
     if "id" in obs:
         arrays["id"] = obs["id"]
     if args.save_samples:

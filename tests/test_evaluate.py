@@ -287,6 +287,7 @@ def test_cli_subcommands_write_outputs_and_are_reproducible(tiny_run, capsys):
     ev.main(["modes", *common, "--samples", "300", "--out", str(d / "modes" / "post.npz")])
     post = simulate.load_npz(d / "modes" / "post.npz", required=("modes", "quantiles"))
     assert post["modes"].shape == (24, 3, 3) and post["quantiles"].shape == (24, 3, 3)
+    assert post["densest"].shape == (24, 3) and np.all(np.isfinite(post["densest"]))
     ev.main(["compare", "--obs", str(d / "test.npz"), "--mle", str(d / "mle.npz"), "--summary",
              str(d / "modes" / "post.npz"), "--out", str(d / "cmp")])
     cmp = simulate.load_npz(d / "cmp" / "compare.npz", required=("chi2_map", "chi2_mle", "mle_in_cinn"))

@@ -462,9 +462,9 @@ def test_run_catalog_smoke(tmp_path):
     assert np.all(ecsv["log10_mstar_map"] <= ecsv["log10_mass_map"] + 1e-12)
     assert np.all(np.isfinite(ecsv["chi2_resim_map"]))
     # the densest sample: one of the cluster's samples, its age reported as the 1 Myr bin
+    assert all(np.all(np.isfinite(ecsv[f"{p}_densest"])) for p in ("log10_age_myr", "log10_mass", "ebv"))
     k = 10 ** ecsv["log10_age_myr_densest"]
     np.testing.assert_allclose(k, np.rint(k), rtol=1e-12)
-    assert np.all(np.isfinite(ecsv["log10_age_myr_densest"])) and np.all(np.isfinite(ecsv["ebv_densest"]))
     inl = Table.read(tmp_path / "res_inliers.ecsv")
     assert list(inl["reference"]) == ["grid MLE"] * 4 + ["catalogue (phangs)"] * 3
     assert list(inl["parameter"]) == list(catalogs.RESULT_PARAMS) + ["log10_age_myr", "log10_mstar", "ebv"]

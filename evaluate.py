@@ -376,6 +376,23 @@ def densest_sample(samples, flux_mjy, rel_err, distance_mpc):
     return out
 
 
+def map_density_gap(points, map_exact, flux_mjy, rel_err, distance_mpc):
+    """Per cluster, how much less dense the exact posterior is at a point estimate than at the exact MAP:
+    log p(map_exact | x) - log p(point | x) in nats (grid_posterior.log_map_density, both at the centre of
+    their 1 Myr age bin; ~0 or slightly negative on the exact posterior's flat top, large in another mode or
+    off the support). It tells the two ways of missing the exact MAP's age apart: a posterior whose top is
+    flat over more than 0.1 dex in age has no well-defined MAP age (a small gap), a wrong mode has a large
+    one. points, map_exact (N, 3); flux_mjy, rel_err (N, 5); distance_mpc (N,). NaN where either is."""
+    import grid_posterior
+    out = np.full(len(points), np.nan)
+    for i in range(len(points)):
+        if np.all(np.isfinite(points[i])) and np.all(np.isfinite(map_exact[i])):
+            v, _ = grid_posterior.log_map_density(np.stack([map_exact[i], points[i]]), flux_mjy[i], rel_err[i],
+                                                  distance_mpc[i])
+            out[i] = v[0] - v[1]
+    return out
+
+
 def closest_mode(modes, reference, scale=None):
     """The mode (N, 3) of modes (N, K, 3) closest to reference (N, 3); distances per parameter are divided
     by `scale` (3,) (default: the widths of preprocess.THETA_BOUNDS-like prior ranges: 4.14 dex, 6 dex, 1.5 mag)."""
@@ -1025,7 +1042,8 @@ def cmd_exact(args):
     The exact MAP is the grid posterior's density maximum (post['map']); the cINN MAP is the densest
     mean-shift mode of its samples; beside it, the cINN sample of highest exact density (densest_sample). As a
     same-estimator check, the mean-shift MAP of 1e4 exact samples (grid_posterior.sample_posterior) is compared
-    too. Widths: 16-84 % of the cINN samples over the grid
+    too, and the exact density at each MAP below the exact MAP's (map_density_gap: a miss in age with a small
+    gap is a flat-topped posterior, a large gap another mode). Widths: 16-84 % of the cINN samples over the grid
     posterior's 16-84 % marginal quantiles."""
     import simulate
     obs = load_obs(args.obs, args.n, need_theta=True)
@@ -1050,6 +1068,9 @@ def cmd_exact(args):
     dage_exact_ms = np.abs(ms_exact[:, 0] - map_exact[:, 0])
     map_dense = densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
     dage_dense = np.abs(map_dense[:, 0] - map_exact[:, 0])
+    f_, r_, d_ = obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]
+    gap = map_density_gap(summ["modes"][:, 0], map_exact, f_, r_, d_)        # nats below the exact MAP
+    gap_exact_ms = map_density_gap(ms_exact, map_exact, f_, r_, d_)
     import preprocess
     below = preprocess.below_floor(samples, obs["x"][:, None, :])     # outside the noise model's support
     res = {"n_clusters": n, "n_exact_failed": int(np.sum(~ok)), "n_samples": samples.shape[1],
@@ -1063,6 +1084,11 @@ def cmd_exact(args):
            "share_width_ratio_within_20pc": dict(zip(PARAM_NAMES, np.mean(np.abs(ratio[ok] - 1) <= 0.2, 0))),
            "share_map_within_0p1_dex_age": float(np.mean(dage[ok] <= 0.1)),
            "share_densest_cinn_sample_within_0p1_dex_age": float(np.mean(dage_dense[ok] <= 0.1)),
+           "median_map_density_gap_nats": float(np.nanmedian(gap[ok])),
+           "share_map_density_within_0p5_nat_of_exact_map": float(np.mean(gap[ok] <= 0.5)),
+           "share_map_within_0p1_dex_age_or_0p5_nat": float(np.mean((dage[ok] <= 0.1) | (gap[ok] <= 0.5))),
+           "share_meanshift_of_exact_samples_within_0p1_dex_age_or_0p5_nat": float(np.mean(
+               (dage_exact_ms[ok] <= 0.1) | (gap_exact_ms[ok] <= 0.5))),
            "share_any_cinn_mode_within_0p1_dex_age": float(np.mean(
                np.nanmin(np.abs(summ["modes"][ok, :, 0] - map_exact[ok, :1]), axis=1) <= 0.1)),
            "share_map_within_0p1_dex_age_vs_meanshift_of_exact_samples": float(np.mean(dage_ms[ok] <= 0.1)),
@@ -1079,6 +1105,7 @@ def cmd_exact(args):
                       theta_true=theta,
                       map_cinn=summ["modes"][:, 0], map_exact=map_exact, map_cinn_densest_sample=map_dense,
                       map_exact_meanshift=ms_exact, map_exact_meanshift_2=ref["map_exact_meanshift_2"],
+                      map_density_gap=gap,
                       modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], quantiles_exact=q_exact,
                       seed=args.seed)
     _write_json(out / "exact.json", res)
@@ -1100,6 +1127,12 @@ def cmd_exact(args):
           f"mean-shift MAP vs grid MAP: {res['share_meanshift_of_exact_samples_within_0p1_dex_of_grid_map']:.1%}; "
           f"two independent sets of exact samples, mean-shift MAP vs mean-shift MAP: "
           f"{res['share_meanshift_of_two_exact_sample_sets_within_0p1_dex']:.1%})")
+    print(f"  exact density at the cINN MAP below the exact MAP's (map_density_gap): median "
+          f"{res['median_map_density_gap_nats']:.2f} nats, within 0.5 nat for "
+          f"{res['share_map_density_within_0p5_nat_of_exact_map']:.1%}; within 0.1 dex in age or 0.5 nat: "
+          f"{res['share_map_within_0p1_dex_age_or_0p5_nat']:.1%} (exact samples' mean-shift MAP: "
+          f"{res['share_meanshift_of_exact_samples_within_0p1_dex_age_or_0p5_nat']:.1%}; a small gap with a "
+          f"large age difference is a posterior whose top is flat over > 0.1 dex, where the MAP age is undefined)")
     print(f"  cINN sample of highest exact density (densest_sample: the network proposes, the likelihood "
           f"ranks) within 0.1 dex in age of the exact MAP: {res['share_densest_cinn_sample_within_0p1_dex_age']:.1%}")
     print(f"  any of the <= 3 cINN modes within 0.1 dex in age of the exact MAP: "

@@ -138,6 +138,24 @@ def test_densest_sample_picks_the_sample_of_highest_exact_density():
     np.testing.assert_allclose(got, np.column_stack([np.log10(np.rint(10 ** truth[:, 0])), truth[:, 1:]]))
 
 
+def test_map_density_gap_is_zero_at_the_map_large_elsewhere_nan_where_unknown():
+    """log p(MAP) - log p(point) from the exact density: 0 at the MAP itself, equal to the direct difference
+    of log_map_density values elsewhere (large for a wrong age of a precise cluster), NaN for a NaN point."""
+    simulate = pytest.importorskip("simulate")
+    gp = pytest.importorskip("grid_posterior")
+    truth = np.array([[np.log10(25.0), 5.2, 0.31], [np.log10(4100.0), 6.7, 0.05], [np.log10(3.0), 3.9, 0.8]])
+    d = np.array([3.0, 12.0, 20.0])
+    flux = simulate.model_flux(np.rint(10 ** truth[:, 0]), truth[:, 2], truth[:, 1], d)
+    r = np.full((3, 5), 0.02)
+    np.testing.assert_array_equal(ev.map_density_gap(truth, truth, flux, r, d), 0.0)
+    other = truth + [[1.0, 0.0, 0.0], [-0.5, 0.1, 0.0], [np.nan, 0.0, 0.0]]
+    gap = ev.map_density_gap(other, truth, flux, r, d)
+    for i in range(2):
+        v, _ = gp.log_map_density(np.stack([truth[i], other[i]]), flux[i], r[i], d[i])
+        assert gap[i] == pytest.approx(v[0] - v[1], abs=1e-9) and gap[i] > 10
+    assert np.isnan(gap[2])
+
+
 def test_mean_shift_flat_agrees_with_sklearn():
     from sklearn.cluster import MeanShift
     rng = np.random.default_rng(5)

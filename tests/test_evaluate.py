@@ -156,6 +156,19 @@ def test_map_density_gap_is_zero_at_the_map_large_elsewhere_nan_where_unknown():
     assert np.isnan(gap[2])
 
 
+def test_kl_near_prior_bounds_splits_a_known_case():
+    """Truths at each of the four hard bounds (and NaN) against truths well inside: the split means, counts
+    and the near clusters' share of the overall mean come out as constructed."""
+    theta = np.array([[2.0, 2.1, 0.5], [2.0, 7.9, 0.5], [2.0, 5.0, 0.01], [2.0, 5.0, 1.48], [2.0, 5.0, 0.7],
+                      [3.0, 4.0, 0.3], [1.0, 2.3, 0.06], [0.5, 7.7, 1.44]])
+    d = np.array([1.0, 2.0, 3.0, 4.0, np.nan, 0.5, 0.1, 0.3])
+    out = ev.kl_near_prior_bounds(d, np.zeros(len(d)), theta)
+    assert out["near"][:2] == (4, pytest.approx(2.5)) and out["away"][:2] == (3, pytest.approx(0.3))
+    assert out["near"][2] == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert out["near_share_of_total"] == pytest.approx(10.0 / 10.9)
+    assert np.isnan(ev.kl_near_prior_bounds(d[5:], np.zeros(3), theta[5:])["near"][1])
+
+
 def test_mean_shift_flat_agrees_with_sklearn():
     from sklearn.cluster import MeanShift
     rng = np.random.default_rng(5)

@@ -79,7 +79,8 @@ DEFAULT_CONFIG = dict(
     floor_scale=0.0,  # > 0: log-mass transform with the noise model's mass floor at this scale in dex
     ridge=False,      # log-mass transform centred on the mass the photometry implies (preprocess docstring)
     ebv_ridge=False,  # E(B-V) transform centred on the reddening the colours imply at the age
-                      # (preprocess docstring; 0 = the plain transform of the paper)
+                      # (preprocess docstring; 0 = the plain transform of the paper; "cdf": through the
+                      # CDF of the truncated ridge Gaussian)
     age_profile=False,  # beta > 0: age coordinate warped by the CDF of a cheap approximate age posterior
                         # with its likelihood to the power beta (preprocess docstring; 0 = off)
     band_moments=False,  # the ridges weigh the bands by the moments of their exact likelihood

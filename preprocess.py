@@ -44,6 +44,9 @@ their precision, E ~ e_c(k) +- w_e (ebv_from_colours: the weighted least-squares
 (log10 m, E) with the model's reddening slopes), and that centre jumps between age bins too. So
     u_E = Phi^-1(E / 1.5) + (E - e_c(round(t'))) / w_e.
 The order of the map is then t' -> E(B-V) -> mass (u_E depends on t', u_m on t' and E): still triangular.
+With `ebv_ridge="cdf"` the ridge enters through a CDF instead of a sum: u_E = Phi^-1(G(E)), G the CDF of
+(1 - eps) N(e_c, w_e^2) truncated to the prior's [0, 1.5] plus eps of the uniform prior (_ebv_cdf_u_du), so a
+posterior piled against E(B-V) = 0 or 1.5 is standard normal in u rather than a scaled Phi^-1 tail.
 
 The age profile (optional, `age_profile=beta` with x): the age posterior of precise photometry is a few 1 Myr
 spikes that a smooth flow spreads over a decade. The age coordinate can instead be warped by the CDF of a cheap
@@ -70,7 +73,7 @@ import sys
 import time
 
 import numpy as np
-from scipy.special import logsumexp, ndtr, ndtri
+from scipy.special import log_ndtr, logsumexp, ndtr, ndtri
 
 LN10 = np.log(10.0)
 
@@ -346,6 +349,48 @@ def _ebv_from_u(u, ridge):
                              c + w * (np.ravel(u) - _plain_u(np.clip(c, E_LO, E_HI), 2)))
 
 
+EBV_CDF_PRIOR = 0.02    # ebv_ridge="cdf": share of the uniform prior in the mixture (bounds the warp's tails)
+
+
+def _log_diff_ndtr(a, b):
+    """log(Phi(b) - Phi(a)) for a <= b, accurate in both tails (through the upper tail where a > 0)."""
+    flip = a > 0
+    lo, hi = np.where(flip, -b, a), np.where(flip, -a, b)
+    top = log_ndtr(hi)
+    return top + np.log(-np.expm1(np.minimum(log_ndtr(lo) - top, -1e-300)))
+
+
+def _ebv_cdf_u_du(e, ridge):
+    """(u_E, log du_E/dE) of the CDF ridge (ebv_ridge="cdf"): u_E = Phi^-1(G(E)), G the CDF of the mixture
+    (1 - eps) N(e_c, w_e^2) truncated to [0, 1.5] + eps U[0, 1.5]. If E given the age bin were that truncated
+    Gaussian, u_E would be standard normal, also where the colours put E(B-V) against a prior bound: the
+    posterior's finite density at the bound is the CDF's slope there, not a tail the flow has to learn (the
+    additive ridge leaves a Phi^-1 tail scaled by that density). du_E/dE = g(E) / phi(u_E), g the mixture density.
+    Both tails of G are computed directly (log-space differences of Phi), so u_E keeps its precision there."""
+    c, w = ridge
+    eps, span = EBV_CDF_PRIOR, E_HI - E_LO
+    z, z0, z1 = (e - c) / w, (E_LO - c) / w, (E_HI - c) / w
+    log_d = _log_diff_ndtr(z0, z1)
+    lower = (1 - eps) * np.exp(_log_diff_ndtr(z0, np.maximum(z, z0)) - log_d) + eps * (e - E_LO) / span
+    upper = (1 - eps) * np.exp(_log_diff_ndtr(np.minimum(z, z1), z1) - log_d) + eps * (E_HI - e) / span
+    lower, upper = np.clip(lower, EPS, 1 - EPS), np.clip(upper, EPS, 1 - EPS)
+    u = np.where(lower < 0.5, ndtri(lower), -ndtri(upper))
+    log_g = np.logaddexp(np.log(1 - eps) - 0.5 * z * z - 0.5 * np.log(2 * np.pi) - np.log(w) - log_d,
+                         np.log(eps / span))
+    return u, log_g + 0.5 * u * u + 0.5 * np.log(2 * np.pi)
+
+
+def _ebv_cdf_from_u(u, ridge):
+    """Inverse of _ebv_cdf_u_du on [0, 1.5]: _solve_increasing from E = e_c + w_e u."""
+    c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge)
+    return _solve_increasing(lambda e, i: _ebv_cdf_u_du(e, (c[i], w[i])), u, E_LO, E_HI, c + w * np.ravel(u))
+
+
+def _ebv_terms(e, ridge, kind):
+    """(u_E, log du_E/dE) of the E(B-V) ridge: the additive form (kind True) or the CDF form ("cdf")."""
+    return _ebv_cdf_u_du(e, ridge) if kind == "cdf" else _ebv_u_du(e, ridge)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The age profile: a cheap approximation of the age posterior that the age coordinate is warped by.
 
@@ -588,7 +633,7 @@ def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, a
         floor, rg = _mass_terms(theta, x, scale, ridge, moments)
         u[..., 1] = _mass_u(theta[..., 1], floor, scale, rg)
         if ebv_ridge:
-            u[..., 2] = _ebv_u(theta[..., 2], ebv_from_colours(theta[..., 0], x, moments))
+            u[..., 2] = _ebv_terms(theta[..., 2], ebv_from_colours(theta[..., 0], x, moments), ebv_ridge)[0]
         if age_profile:
             u[..., 0] = _age_u_du(theta[..., 0], x, age_profile)[0]
     return u
@@ -604,7 +649,8 @@ def u_to_theta(u, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_p
         if age_profile:
             theta[..., 0] = _age_from_u(u[..., 0], x, age_profile)
         if ebv_ridge:
-            theta[..., 2] = _ebv_from_u(u[..., 2], ebv_from_colours(theta[..., 0], x, moments))
+            inverse = _ebv_cdf_from_u if ebv_ridge == "cdf" else _ebv_from_u
+            theta[..., 2] = inverse(u[..., 2], ebv_from_colours(theta[..., 0], x, moments))
         if scale > 0 or ridge:
             floor, rg = _mass_terms(theta, x, scale, ridge, moments)
             theta[..., 1] = _mass_from_u(u[..., 1], floor, scale, rg)
@@ -622,7 +668,7 @@ def log_du_dtheta(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False
         floor, rg = _mass_terms(theta, x, scale, ridge, moments)
         terms[..., 1] = _log_mass_du(theta[..., 1], floor, scale, rg)
         if ebv_ridge:
-            terms[..., 2] = _ebv_u_du(theta[..., 2], ebv_from_colours(theta[..., 0], x, moments))[1]
+            terms[..., 2] = _ebv_terms(theta[..., 2], ebv_from_colours(theta[..., 0], x, moments), ebv_ridge)[1]
         if age_profile:
             terms[..., 0] = _age_u_du(theta[..., 0], x, age_profile)[1]
     return terms
@@ -636,11 +682,18 @@ def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=
     return np.sum(log_du_dtheta(theta, x, scale, ridge, ebv_ridge, age_profile, moments), axis=-1)
 
 
+def _ebv_ridge_kind(value):
+    """A config's ebv_ridge: False, True (the additive ridge) or "cdf" (the CDF form, _ebv_cdf_u_du)."""
+    if value == "cdf" or isinstance(value, (bool, int, np.bool_)):
+        return value if value == "cdf" else bool(value)
+    raise ValueError(f"ebv_ridge must be true, false or \"cdf\"; got {value!r}")
+
+
 def target_transform(config):
     """The target transform options of a model config (keyword arguments of theta_to_u and the others);
     configs written before the ridges existed have none."""
     return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)),
-                ebv_ridge=bool(config.get("ebv_ridge", False)), age_profile=float(config.get("age_profile", 0.0)),
+                ebv_ridge=_ebv_ridge_kind(config.get("ebv_ridge", False)), age_profile=float(config.get("age_profile", 0.0)),
                 moments=bool(config.get("band_moments", False)))
 
 

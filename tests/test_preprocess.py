@@ -268,7 +268,7 @@ def test_moment_ridges_are_calibrated_where_the_log_normal_ones_are_not():
 
 
 @pytest.mark.parametrize("scale,ebv_ridge,moments", [(0.0, False, False), (0.1, False, False), (0.1, True, False),
-                                                     (0.1, True, True)])
+                                                     (0.1, True, True), (0.1, "cdf", True)])
 def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ebv_ridge, moments):
     obs = physical_obs(300, 7)
     rng = np.random.default_rng(7)
@@ -298,6 +298,35 @@ def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ebv_ridg
         assert jac[0, 1] == 0 and jac[2, 1] == 0 and jac[0, 2] == 0               # triangular
         np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, True, ebv_ridge, moments=moments),
                                    np.linalg.slogdet(jac)[1], atol=1e-4)
+
+
+def test_ebv_cdf_ridge_maps_its_own_truncated_gaussian_to_a_standard_normal():
+    """ebv_ridge="cdf": u_E = Phi^-1(G(E)) with G the CDF of (1 - eps) N(e_c, w_e) truncated to [0, 1.5] + eps U.
+    Draws from that mixture (also piled against either bound, where the additive ridge is not normal) come out
+    standard normal (KS); du/dE equals central differences, and the inverse returns E to 1e-10 also for ridges
+    many widths outside the range (both tails of G computed directly)."""
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(3)
+    n = 20000
+    for c, w in ((-0.02, 0.03), (0.4, 0.05), (1.52, 0.02), (0.7, 1.0)):
+        t = stats.truncnorm.rvs(-c / w, (1.5 - c) / w, loc=c, scale=w, size=n, random_state=rng)
+        e = np.where(rng.uniform(size=n) < pp.EBV_CDF_PRIOR, rng.uniform(0, 1.5, n), t)
+        ridge = (np.full(n, c), np.full(n, w))
+        u, log_du = pp._ebv_cdf_u_du(e, ridge)
+        assert stats.kstest(u, "norm").pvalue > 0.01, (c, w)
+        if c < 0.1:
+            assert stats.kstest(pp._ebv_u(e, ridge), "norm").pvalue < 1e-6     # the additive form is not
+        h = 1e-7
+        num = (pp._ebv_cdf_u_du(e[:200] + h, (ridge[0][:200], ridge[1][:200]))[0]
+               - pp._ebv_cdf_u_du(e[:200] - h, (ridge[0][:200], ridge[1][:200]))[0]) / (2 * h)
+        inner = (np.abs(u[:200]) < 5) & (e[:200] > 2 * h) & (e[:200] < 1.5 - 2 * h)
+        np.testing.assert_allclose(np.log(num[inner]), log_du[:200][inner], atol=1e-5)
+    for c, w in ((-0.5, 0.01), (2.5, 0.05), (0.3, 0.001)):
+        e = np.linspace(1e-4, 1.5 - 1e-4, 501)      # (G is clipped to [EPS, 1 - EPS], as the plain transform)
+        ridge = (np.full(len(e), c), np.full(len(e), w))
+        u, _ = pp._ebv_cdf_u_du(e, ridge)
+        assert np.all(np.diff(u) > 0) and np.all(np.isfinite(u))
+        np.testing.assert_allclose(pp._ebv_cdf_from_u(u, ridge), e, rtol=0, atol=1e-10)
 
 
 def test_ebv_ridge_once_per_distinct_bin_equals_row_by_row():

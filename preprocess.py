@@ -200,7 +200,9 @@ def _floor_term(w, scale):
 
 def _mass_u(m, a, scale, ridge=None):
     """u_m of the module docstring: the plain log-mass transform, plus the floor term (scale > 0, floor a),
-    plus the ridge term (m - c) / w (ridge = (c, w))."""
+    plus the ridge term (m - c) / w (ridge = (c, w)); ridge = (c, w, "cdf"): _mass_cdf_u_du instead."""
+    if ridge is not None and len(ridge) > 2:
+        return _mass_cdf_u_du(m, a, ridge)[0]
     u = _plain_mass_u(m)
     if scale > 0:
         u = u + _floor_term(m - a, scale)
@@ -212,6 +214,8 @@ def _mass_u(m, a, scale, ridge=None):
 def _mass_u_du(m, a, scale, ridge=None):
     """(u_m, log du_m/dm) together (the Newton inversion needs both); du_m/dm is a sum of positive terms:
     1 / (6 phi(u0)), (1/scale) / (exp((m - a)/scale) - 1) and 1 / w."""
+    if ridge is not None and len(ridge) > 2:
+        return _mass_cdf_u_du(m, a, ridge)
     u = _plain_mass_u(m)
     log_du = _log_plain_du(m, 1, u)
     if scale > 0:
@@ -252,6 +256,13 @@ def _solve_increasing(g_and_log_dg, u, lo, hi, start, tol=1e-12):
     return m.reshape(shape)
 
 
+def _mass_cdf_u_du(m, a, ridge):
+    """(u_m, log du_m/dm) of ridge="cdf": _cdf_ridge_u_du on [a, 8], a the floor (2 without it). The floor
+    is then the lower end of the truncation, where the exact posterior keeps a finite (often its largest)
+    density, instead of the floor term's -infinity."""
+    return _cdf_ridge_u_du(m, ridge[0], ridge[1], a, M_HI)
+
+
 def _mass_from_u(u, a, scale, ridge=None, tol=1e-12):
     """Inverse of _mass_u on [a, 8] (u_m increases with m).
 
@@ -269,8 +280,11 @@ def _mass_from_u(u, a, scale, ridge=None, tol=1e-12):
             up = _mass_u(mid, a, scale) < u
             lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
         return 0.5 * (lo + hi)
-    c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge)
+    c, w = (np.broadcast_to(v, np.shape(u)).ravel() for v in ridge[:2])
     a = np.broadcast_to(a, np.shape(u)).ravel()
+    if len(ridge) > 2 and ridge[2] == "cdf":
+        return _solve_increasing(lambda m, i: _mass_cdf_u_du(m, a[i], (c[i], w[i])), u, a, M_HI,
+                                 c + w * np.ravel(u), tol)
     return _solve_increasing(lambda m, i: _mass_u_du(m, a[i], scale, (c[i], w[i])),
                              u, a, M_HI, c + w * (np.ravel(u) - _plain_mass_u(c)), tol)
 
@@ -349,7 +363,7 @@ def _ebv_from_u(u, ridge):
                              c + w * (np.ravel(u) - _plain_u(np.clip(c, E_LO, E_HI), 2)))
 
 
-EBV_CDF_PRIOR = 0.02    # ebv_ridge="cdf": share of the uniform prior in the mixture (bounds the warp's tails)
+CDF_PRIOR = 0.02    # ridge / ebv_ridge = "cdf": share of the uniform in the mixture (bounds the warp's tails)
 
 
 def _log_diff_ndtr(a, b):
@@ -360,24 +374,28 @@ def _log_diff_ndtr(a, b):
     return top + np.log(-np.expm1(np.minimum(log_ndtr(lo) - top, -1e-300)))
 
 
-def _ebv_cdf_u_du(e, ridge):
-    """(u_E, log du_E/dE) of the CDF ridge (ebv_ridge="cdf"): u_E = Phi^-1(G(E)), G the CDF of the mixture
-    (1 - eps) N(e_c, w_e^2) truncated to [0, 1.5] + eps U[0, 1.5]. If E given the age bin were that truncated
-    Gaussian, u_E would be standard normal, also where the colours put E(B-V) against a prior bound: the
-    posterior's finite density at the bound is the CDF's slope there, not a tail the flow has to learn (the
-    additive ridge leaves a Phi^-1 tail scaled by that density). du_E/dE = g(E) / phi(u_E), g the mixture density.
-    Both tails of G are computed directly (log-space differences of Phi), so u_E keeps its precision there."""
-    c, w = ridge
-    eps, span = EBV_CDF_PRIOR, E_HI - E_LO
-    z, z0, z1 = (e - c) / w, (E_LO - c) / w, (E_HI - c) / w
+def _cdf_ridge_u_du(v, c, w, lo, hi):
+    """(u, log du/dv) of a ridge entered through a CDF: u = Phi^-1(G(v)), G the CDF of the mixture
+    (1 - eps) N(c, w^2) truncated to [lo, hi] + eps U[lo, hi] (eps = CDF_PRIOR). If v were distributed so, u
+    would be standard normal, also where the ridge is piled against lo or hi: the posterior's finite density at
+    a bound is the CDF's slope there, not a tail the flow has to learn (the additive ridge leaves a Phi^-1 tail
+    scaled by that density). du/dv = g(v) / phi(u), g the mixture density. Both tails of G are computed
+    directly (log-space differences of Phi), so u keeps its precision there; G is clipped to [EPS, 1 - EPS]."""
+    eps, span = CDF_PRIOR, hi - lo
+    z, z0, z1 = (v - c) / w, (lo - c) / w, (hi - c) / w
     log_d = _log_diff_ndtr(z0, z1)
-    lower = (1 - eps) * np.exp(_log_diff_ndtr(z0, np.maximum(z, z0)) - log_d) + eps * (e - E_LO) / span
-    upper = (1 - eps) * np.exp(_log_diff_ndtr(np.minimum(z, z1), z1) - log_d) + eps * (E_HI - e) / span
+    lower = (1 - eps) * np.exp(_log_diff_ndtr(z0, np.clip(z, z0, z1)) - log_d) + eps * (v - lo) / span
+    upper = (1 - eps) * np.exp(_log_diff_ndtr(np.clip(z, z0, z1), z1) - log_d) + eps * (hi - v) / span
     lower, upper = np.clip(lower, EPS, 1 - EPS), np.clip(upper, EPS, 1 - EPS)
     u = np.where(lower < 0.5, ndtri(lower), -ndtri(upper))
     log_g = np.logaddexp(np.log(1 - eps) - 0.5 * z * z - 0.5 * np.log(2 * np.pi) - np.log(w) - log_d,
                          np.log(eps / span))
     return u, log_g + 0.5 * u * u + 0.5 * np.log(2 * np.pi)
+
+
+def _ebv_cdf_u_du(e, ridge):
+    """(u_E, log du_E/dE) of ebv_ridge="cdf": _cdf_ridge_u_du on the prior's [0, 1.5]."""
+    return _cdf_ridge_u_du(e, ridge[0], ridge[1], E_LO, E_HI)
 
 
 def _ebv_cdf_from_u(u, ridge):
@@ -616,7 +634,10 @@ def depends_on_x(x, scale, ridge, ebv_ridge=False, age_profile=False, moments=Fa
 def _mass_terms(theta, x, scale, ridge, moments=False):
     """The floor a (2 without the floor term) and the ridge (c, w) or None at theta's (t', E(B-V))."""
     a = log_mass_floor(theta[..., 0], theta[..., 2], x) if scale > 0 else np.full(theta.shape[:-1], M_LO)
-    return a, (log_mass_ridge(theta[..., 0], theta[..., 2], x, moments) if ridge else None)
+    if not ridge:
+        return a, None
+    c, w = log_mass_ridge(theta[..., 0], theta[..., 2], x, moments)
+    return a, ((c, w, "cdf") if ridge == "cdf" else (c, w))
 
 
 def theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=False, age_profile=False,
@@ -682,18 +703,18 @@ def log_det_theta_to_u(theta, x=None, scale=FLOOR_SCALE, ridge=False, ebv_ridge=
     return np.sum(log_du_dtheta(theta, x, scale, ridge, ebv_ridge, age_profile, moments), axis=-1)
 
 
-def _ebv_ridge_kind(value):
-    """A config's ebv_ridge: False, True (the additive ridge) or "cdf" (the CDF form, _ebv_cdf_u_du)."""
+def _ridge_kind(value):
+    """A config's ridge or ebv_ridge: False, True (the additive ridge) or "cdf" (through a CDF, _cdf_ridge_u_du)."""
     if value == "cdf" or isinstance(value, (bool, int, np.bool_)):
         return value if value == "cdf" else bool(value)
-    raise ValueError(f"ebv_ridge must be true, false or \"cdf\"; got {value!r}")
+    raise ValueError(f"ridge and ebv_ridge must be true, false or \"cdf\"; got {value!r}")
 
 
 def target_transform(config):
     """The target transform options of a model config (keyword arguments of theta_to_u and the others);
     configs written before the ridges existed have none."""
-    return dict(scale=config.get("floor_scale", 0.0), ridge=bool(config.get("ridge", False)),
-                ebv_ridge=_ebv_ridge_kind(config.get("ebv_ridge", False)), age_profile=float(config.get("age_profile", 0.0)),
+    return dict(scale=config.get("floor_scale", 0.0), ridge=_ridge_kind(config.get("ridge", False)),
+                ebv_ridge=_ridge_kind(config.get("ebv_ridge", False)), age_profile=float(config.get("age_profile", 0.0)),
                 moments=bool(config.get("band_moments", False)))
 
 

@@ -267,9 +267,11 @@ def test_moment_ridges_are_calibrated_where_the_log_normal_ones_are_not():
     assert mom["dm"] < 0.9 * log_normal["dm"] and mom["de"] < 0.9 * log_normal["de"]
 
 
-@pytest.mark.parametrize("scale,ebv_ridge,moments", [(0.0, False, False), (0.1, False, False), (0.1, True, False),
-                                                     (0.1, True, True), (0.1, "cdf", True)])
-def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ebv_ridge, moments):
+@pytest.mark.parametrize("scale,ridge,ebv_ridge,moments", [(0.0, True, False, False), (0.1, True, False, False),
+                                                           (0.1, True, True, False), (0.1, True, True, True),
+                                                           (0.1, True, "cdf", True), (0.1, "cdf", "cdf", True),
+                                                           (0.0, "cdf", False, False)])
+def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ridge, ebv_ridge, moments):
     obs = physical_obs(300, 7)
     rng = np.random.default_rng(7)
     x = obs["x"]
@@ -280,23 +282,23 @@ def test_mass_ridge_transform_round_trip_and_triangular_jacobian(scale, ebv_ridg
     near = c + w * rng.normal(0, 2, len(x))                                  # on the ridge, where it is inside
     on = (np.arange(len(x)) % 2 == 0) & (near > lo + 0.05) & (near < 7.9)
     theta[:, 1] = np.where(on, near, lo + (8.0 - lo) * rng.uniform(0.01, 0.99, len(x)))
-    u = pp.theta_to_u(theta, x, scale, True, ebv_ridge, moments=moments)
+    u = pp.theta_to_u(theta, x, scale, ridge, ebv_ridge, moments=moments)
     assert np.all(np.isfinite(u))
-    np.testing.assert_allclose(pp.u_to_theta(u, x, scale, True, ebv_ridge, moments=moments), theta, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(pp.u_to_theta(u, x, scale, ridge, ebv_ridge, moments=moments), theta, rtol=0, atol=1e-10)
     assert on.sum() > 60 and np.std(u[on, 1]) < 4           # the ridge term makes the mass near c O(1) in u
     up = theta.copy()
     up[:, 1] = np.minimum(theta[:, 1] + 1e-4, 8.0)
-    assert np.all(pp.theta_to_u(up, x, scale, True, ebv_ridge, moments=moments)[:, 1] > u[:, 1])       # increasing in m
+    assert np.all(pp.theta_to_u(up, x, scale, ridge, ebv_ridge, moments=moments)[:, 1] > u[:, 1])       # increasing in m
     h = 1e-7
     for i in range(0, len(x), 10):               # full 3x3 Jacobian by central differences, its log|det|
         jac = np.empty((3, 3))
         for j in range(3):
             step = np.zeros(3)
             step[j] = h
-            jac[:, j] = (pp.theta_to_u(theta[i] + step, x[i], scale, True, ebv_ridge, moments=moments)
-                         - pp.theta_to_u(theta[i] - step, x[i], scale, True, ebv_ridge, moments=moments)) / (2 * h)
+            jac[:, j] = (pp.theta_to_u(theta[i] + step, x[i], scale, ridge, ebv_ridge, moments=moments)
+                         - pp.theta_to_u(theta[i] - step, x[i], scale, ridge, ebv_ridge, moments=moments)) / (2 * h)
         assert jac[0, 1] == 0 and jac[2, 1] == 0 and jac[0, 2] == 0               # triangular
-        np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, True, ebv_ridge, moments=moments),
+        np.testing.assert_allclose(pp.log_det_theta_to_u(theta[i], x[i], scale, ridge, ebv_ridge, moments=moments),
                                    np.linalg.slogdet(jac)[1], atol=1e-4)
 
 
@@ -310,7 +312,7 @@ def test_ebv_cdf_ridge_maps_its_own_truncated_gaussian_to_a_standard_normal():
     n = 20000
     for c, w in ((-0.02, 0.03), (0.4, 0.05), (1.52, 0.02), (0.7, 1.0)):
         t = stats.truncnorm.rvs(-c / w, (1.5 - c) / w, loc=c, scale=w, size=n, random_state=rng)
-        e = np.where(rng.uniform(size=n) < pp.EBV_CDF_PRIOR, rng.uniform(0, 1.5, n), t)
+        e = np.where(rng.uniform(size=n) < pp.CDF_PRIOR, rng.uniform(0, 1.5, n), t)
         ridge = (np.full(n, c), np.full(n, w))
         u, log_du = pp._ebv_cdf_u_du(e, ridge)
         assert stats.kstest(u, "norm").pvalue > 0.01, (c, w)

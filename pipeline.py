@@ -160,11 +160,14 @@ def summarize_run(out):
     if e:
         summ["exact"] = {k: e.get(k) for k in ("kl_mean_nats", "kl_se_nats", "median_width_ratio_cinn_over_exact",
                                                "share_map_within_0p1_dex_age",
+                                               "share_map_within_0p1_dex_age_or_0p5_nat",
                                                "share_densest_cinn_sample_within_0p1_dex_age")}
         dense = e.get("share_densest_cinn_sample_within_0p1_dex_age")     # absent from older runs' files
+        flat = e.get("share_map_within_0p1_dex_age_or_0p5_nat")
         lines.append(f"exact posterior ({e.get('n_clusters')} clusters): KL estimate {e['kl_mean_nats']:.3f} +- "
                      f"{e['kl_se_nats']:.3f} nats; cINN MAP within 0.1 dex in age of the exact MAP for "
                      f"{e['share_map_within_0p1_dex_age']:.0%}"
+                     + (f" (or within 0.5 nat of its density: {flat:.0%})" if flat is not None else "")
                      + (f" (the cINN sample of highest exact density: {dense:.0%})" if dense is not None else ""))
     inl = out / "catalog" / "synthetic_phangs_result_inliers.ecsv"
     if inl.exists():

@@ -45,8 +45,10 @@ their precision, E ~ e_c(k) +- w_e (ebv_from_colours: the weighted least-squares
     u_E = Phi^-1(E / 1.5) + (E - e_c(round(t'))) / w_e.
 The order of the map is then t' -> E(B-V) -> mass (u_E depends on t', u_m on t' and E): still triangular.
 With `ebv_ridge="cdf"` the ridge enters through a CDF instead of a sum: u_E = Phi^-1(G(E)), G the CDF of
-(1 - eps) N(e_c, w_e^2) truncated to the prior's [0, 1.5] plus eps of the uniform prior (_ebv_cdf_u_du), so a
-posterior piled against E(B-V) = 0 or 1.5 is standard normal in u rather than a scaled Phi^-1 tail.
+(1 - eps) N(e_c, w_e^2) truncated to the prior's [0, 1.5] plus eps of the uniform prior (_cdf_ridge_u_du), so a
+posterior piled against E(B-V) = 0 or 1.5 is standard normal in u rather than a scaled Phi^-1 tail; `ridge="cdf"`
+does the same for the mass on [floor, 8] (replacing the floor term). Neither lowered the KL to the exact
+posterior on the quick profile (README, tenth session): options, not the default.
 
 The age profile (optional, `age_profile=beta` with x): the age posterior of precise photometry is a few 1 Myr
 spikes that a smooth flow spreads over a decade. The age coordinate can instead be warped by the CDF of a cheap
@@ -632,7 +634,7 @@ def depends_on_x(x, scale, ridge, ebv_ridge=False, age_profile=False, moments=Fa
 
 
 def _mass_terms(theta, x, scale, ridge, moments=False):
-    """The floor a (2 without the floor term) and the ridge (c, w) or None at theta's (t', E(B-V))."""
+    """The floor a (2 without the floor term) and the ridge (c, w), (c, w, "cdf") or None at theta's (t', E)."""
     a = log_mass_floor(theta[..., 0], theta[..., 2], x) if scale > 0 else np.full(theta.shape[:-1], M_LO)
     if not ridge:
         return a, None

@@ -194,6 +194,26 @@ def test_smallest_and_column_reductions_match_numpy():
     assert np.array_equal(gp._cols(np.maximum, y), y.max(axis=1))
 
 
+def test_active_combinations_are_those_whose_segment_bound_reaches_the_threshold():
+    """_quadratic_t_interval's per-combination flags (which _rows is restricted to) agree with the closed-form
+    maximum of each combination's bound over the segment, _segment_bounds, an independent formula; the hull
+    over the active ones alone is the hull over all."""
+    rng = np.random.default_rng(4)
+    n, C = 4000, 12
+    cmb = {"top": rng.uniform(-3, 0, C), "m": rng.normal(0, 0.5, (C, 5)), "v": rng.uniform(0.01, 0.5, (C, 5))}
+    p, q = rng.normal(0, 0.6, (n, 5)), rng.normal(0, 0.3, (n, 5))
+    thr = -8.0
+    lo, hi, active = gp._quadratic_t_interval(p, q, cmb, thr)
+    best = gp._segment_bounds(p, q, cmb)
+    clear = np.abs(best - thr) > 1e-9                                   # not on the edge to rounding
+    assert np.array_equal(active[clear], best[clear] >= thr)
+    assert 0.1 < active.mean() < 0.9 and np.any(active.sum(axis=1) > 1)
+    for s in np.flatnonzero(active.any(axis=1))[:50]:
+        use = np.flatnonzero(active[s])
+        lo1, hi1, _ = gp._quadratic_t_interval(p[s:s + 1], q[s:s + 1], gp._subset(cmb, use), thr)
+        assert (lo1[0], hi1[0]) == (lo[s], hi[s])
+
+
 def test_log_density_consistent_with_cells(table):
     """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label
     density t' ln 10 in log10 t' coordinates; -inf outside the prior."""

@@ -401,7 +401,8 @@ def _screen_segments(prep, off, cmb, win, thr, chunk=2000):
         lo, hi, active = _quadratic_t_interval(np.stack([x[a, j] for x in p], axis=1),
                                                np.stack([x[a, j] for x in q], axis=1), _subset(cmb, use), thr)
         ok = lo <= hi
-        for lst, val in zip(out, (kk[a[ok]], j[ok], lo[ok], hi[ok], active[ok] @ (1 << use))):
+        mask = active[ok] @ (1 << use)              # bit c: combination c active (C <= 2^5 = 32: fits int64)
+        for lst, val in zip(out, (kk[a[ok]], j[ok], lo[ok], hi[ok], mask)):
             lst.append(val)
     return tuple(np.concatenate(x) for x in out)
 

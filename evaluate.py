@@ -525,6 +525,28 @@ def kl_near_prior_bounds(logp_exact, logq, theta_true):
     return out
 
 
+FLOOR_HEIGHT_EDGES = (0.01, 0.03, 0.1)    # kl_by_floor_height: dex of the true log mass above its mass floor
+
+
+def kl_by_floor_height(logp_exact, logq, theta_true, x):
+    """The KL estimate split by the truth's height h above the noise model's mass floor at its (t', E(B-V))
+    (preprocess.log_mass_floor's edge, unclipped: the exact posterior keeps a finite, often its largest,
+    density there): bins h < 0.01, 0.01-0.03, 0.03-0.1 and >= 0.1 dex (FLOOR_HEIGHT_EDGES). Returns a list of
+    (label, n, mean, se, share of the overall mean) per bin."""
+    import preprocess
+    d = np.asarray(logp_exact, float) - np.asarray(logq, float)
+    h = theta_true[:, 1] - preprocess._raw_mass_floor(theta_true[:, 0], theta_true[:, 2], x)
+    ok = np.isfinite(d)
+    edges = (-np.inf,) + tuple(FLOOR_HEIGHT_EDGES) + (np.inf,)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = ok & (h >= lo) & (h < hi)
+        label = f"< {hi:g}" if lo == -np.inf else (f">= {lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}")
+        share = float(np.sum(d[sel]) / np.sum(d[ok])) if ok.any() else float("nan")
+        out.append((label, int(sel.sum())) + mean_and_se(d[sel]) + (share,))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Figures (matplotlib, Agg)
 # ----------------------------------------------------------------------------------------------------------
@@ -1100,6 +1122,7 @@ def cmd_exact(args):
            "kl_median_nats": float(np.nanmedian(logp - logq)),
            "kl_mean_nats_flow_without_age_bins": kl_flow, "kl_se_nats_flow_without_age_bins": kl_flow_se,
            "kl_by_distance_to_prior_bounds": kl_near_prior_bounds(logp, logq, theta),
+           "kl_by_height_above_mass_floor_dex": kl_by_floor_height(logp, logq, theta, obs["x"]),
            "n_logq_not_finite": int(np.sum(~np.isfinite(logq))),
            "n_logp_not_finite": int(np.sum(~np.isfinite(logp))),
            "median_width_ratio_cinn_over_exact": dict(zip(PARAM_NAMES, np.nanmedian(ratio, 0))),
@@ -1144,6 +1167,9 @@ def cmd_exact(args):
           f"bounds: {kb['near'][0]} clusters, {kb['near'][1]:.3f} +- {kb['near'][2]:.3f} nats "
           f"({kb['near_share_of_total']:.0%} of the mean); the other {kb['away'][0]}: "
           f"{kb['away'][1]:.3f} +- {kb['away'][2]:.3f}")
+    print("  by the truth's height above its mass floor (dex): " + "; ".join(
+        f"{lab}: {n_} clusters, {m_:.3f} +- {se_:.3f} ({sh_:.0%})"
+        for lab, n_, m_, se_, sh_ in res["kl_by_height_above_mass_floor_dex"]))
     print(f"  cINN samples below the mass floor (zero exact density: sigma_b > f_b / 2 in some band): "
           f"{res['share_cinn_samples_below_mass_floor']:.2%}")
     print("  16-84 % width ratio cINN/exact, median: " + ", ".join(

@@ -169,6 +169,22 @@ def test_kl_near_prior_bounds_splits_a_known_case():
     assert np.isnan(ev.kl_near_prior_bounds(d[5:], np.zeros(3), theta[5:])["near"][1])
 
 
+def test_kl_by_floor_height_splits_a_known_case():
+    """Truths placed at known heights above their own mass floor: each lands in its bin with the constructed
+    mean, count and share of the overall mean (NaN left out)."""
+    import preprocess as pp
+    rng = np.random.default_rng(3)
+    x = np.column_stack([rng.normal(-4, 0.3, (9, 5)), rng.uniform(0.1, 0.4, (9, 5)), rng.uniform(2, 20, 9)])
+    theta = np.column_stack([rng.uniform(0.5, 3, 9), np.zeros(9), rng.uniform(0, 1, 9)])
+    height = np.array([0.001, 0.005, 0.02, 0.02, 0.05, 0.5, 1.0, 0.2, 0.004])
+    theta[:, 1] = pp._raw_mass_floor(theta[:, 0], theta[:, 2], x) + height
+    d = np.array([2.0, 4.0, 1.0, 3.0, 0.5, 0.1, 0.3, np.nan, np.nan])
+    out = ev.kl_by_floor_height(d, np.zeros(9), theta, x)
+    assert [o[:2] for o in out] == [("< 0.01", 2), ("0.01-0.03", 2), ("0.03-0.1", 1), (">= 0.1", 2)]
+    np.testing.assert_allclose([o[2] for o in out], [3.0, 2.0, 0.5, 0.2])
+    np.testing.assert_allclose([o[4] for o in out], np.array([6.0, 4.0, 0.5, 0.4]) / 10.9)
+
+
 def test_mean_shift_flat_agrees_with_sklearn():
     from sklearn.cluster import MeanShift
     rng = np.random.default_rng(5)

@@ -519,10 +519,15 @@ def kl_near_prior_bounds(logp_exact, logq, theta_true):
     (m0, m1), (e0, e1) = preprocess.THETA_BOUNDS[1], preprocess.THETA_BOUNDS[2]
     m, e = theta_true[:, 1], theta_true[:, 2]
     near = (m < m0 + NEAR_BOUND[0]) | (m > m1 - NEAR_BOUND[0]) | (e < e0 + NEAR_BOUND[1]) | (e > e1 - NEAR_BOUND[1])
+    (n_near, *near_stats, share), (n_away, *away_stats, _) = _kl_part(d, near), _kl_part(d, ~near)
+    return {"near": (n_near, *near_stats), "away": (n_away, *away_stats), "near_share_of_total": share}
+
+
+def _kl_part(d, sel):
+    """(count, mean, se, share of the overall sum) of the finite per-cluster differences d inside the mask sel."""
     ok = np.isfinite(d)
-    out = {name: (int(np.sum(sel & ok)),) + mean_and_se(d[sel & ok]) for name, sel in (("near", near), ("away", ~near))}
-    out["near_share_of_total"] = float(np.sum(d[near & ok]) / np.sum(d[ok])) if ok.any() else float("nan")
-    return out
+    share = float(np.sum(d[sel & ok]) / np.sum(d[ok])) if ok.any() else float("nan")
+    return (int(np.sum(sel & ok)),) + mean_and_se(d[sel & ok]) + (share,)
 
 
 FLOOR_HEIGHT_EDGES = (0.01, 0.03, 0.1)    # kl_by_floor_height: dex of the true log mass above its mass floor
@@ -536,14 +541,11 @@ def kl_by_floor_height(logp_exact, logq, theta_true, x):
     import preprocess
     d = np.asarray(logp_exact, float) - np.asarray(logq, float)
     h = theta_true[:, 1] - preprocess._raw_mass_floor(theta_true[:, 0], theta_true[:, 2], x)
-    ok = np.isfinite(d)
     edges = (-np.inf,) + tuple(FLOOR_HEIGHT_EDGES) + (np.inf,)
     out = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = ok & (h >= lo) & (h < hi)
         label = f"< {hi:g}" if lo == -np.inf else (f">= {lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}")
-        share = float(np.sum(d[sel]) / np.sum(d[ok])) if ok.any() else float("nan")
-        out.append((label, int(sel.sum())) + mean_and_se(d[sel]) + (share,))
+        out.append((label,) + _kl_part(d, (h >= lo) & (h < hi)))
     return out
 
 

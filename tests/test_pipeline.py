@@ -1,5 +1,6 @@
 """Tests for pipeline.py: stage wiring, resume/skip, refusal to mix runs, the summary; the full toy run is slow."""
 import json
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,19 @@ def test_stage_plan_covers_every_step_and_uses_existing_clis(tmp_path):
         if cmd[1] == "evaluate.py":
             args = parser.parse_args(cmd[2:])
             assert args.seed == 7
+
+
+def test_training_threads_and_transform_workers(tmp_path):
+    """One torch thread by default (two were 2.2-2.6x slower on a 2-core machine), threads=0 leaves torch's
+    choice, and the target transform's processes do not follow the thread count."""
+    def train_cmd(**kw):
+        return {name: cmd for name, _, cmd in pipeline.stages(tmp_path, "quick", seed=0, **kw)}["train"]
+
+    cmd = train_cmd()
+    assert cmd[cmd.index("--threads") + 1] == "1"
+    assert int(cmd[cmd.index("--workers") + 1]) == min(os.cpu_count() or 1, 8)
+    cmd = train_cmd(threads=0, workers=3)
+    assert "--threads" not in cmd and cmd[cmd.index("--workers") + 1] == "3"
 
 
 def test_resume_skips_finished_and_refuses_mixed_runs(tmp_path):

@@ -50,7 +50,7 @@ def log(msg):
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def stages(out, profile, seed, threads=1, workers=None):
+def stages(out, profile, seed, threads=None):
     """The ordered stages: (name, outputs that mark it done, command argv or a Python callable)."""
     p = PROFILES[profile]
     py = sys.executable
@@ -64,7 +64,7 @@ def stages(out, profile, seed, threads=1, workers=None):
         train_cmd += ["--max-minutes", str(p["train_minutes"])]
     if threads:
         train_cmd += ["--threads", str(threads)]
-    train_cmd += ["--workers", str(workers or min(os.cpu_count() or 1, 8))]   # the one-off target transform
+    train_cmd += ["--workers", str(threads or min(os.cpu_count() or 1, 8))]   # the one-off target transform
     syn = cat / "synthetic_phangs.fits"
     return [
         ("simulate", [out / "sim.npz"],
@@ -196,12 +196,7 @@ def main(argv=None):
     ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     ap.add_argument("--out", default=None, help="run directory (default runs/<profile>)")
     ap.add_argument("--seed", type=int, default=0, help="seed passed to every stage (same seed -> same files)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for training, 0 = torch's default. One, because on the 2-core development "
-                         "machine two threads trained 2.2-2.6x slower than one even when idle "
-                         "(benchmarks/bench_train.py --threads 1 2); try more on a larger machine")
-    ap.add_argument("--workers", type=int, default=None,
-                    help="processes for the one-off target transform before training (default: one per core, <= 8)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
     ap.add_argument("--only", nargs="+", default=None, help="run only these stages (names as printed)")
     args = ap.parse_args(argv)
     out = Path(args.out or f"runs/{args.profile}")
@@ -212,7 +207,7 @@ def main(argv=None):
     env.setdefault("MPLBACKEND", "Agg")
     record_path = out / "pipeline_stages.json"
     record = _load_json(record_path) or {}
-    plan = stages(out, args.profile, args.seed, args.threads, args.workers)
+    plan = stages(out, args.profile, args.seed, args.threads)
     t0 = time.time()
     for k, (name, outputs, cmd) in enumerate(plan, 1):
         if args.only and name not in args.only:

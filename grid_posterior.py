@@ -234,21 +234,27 @@ def _row_offsets(prep, flux, dist):
     return 2.0 * np.log(1e-5 / dist) - np.log(flux)
 
 
-def _seed_lower_bound(prep, off, rstar, likelihood):
-    """A likelihood value actually attained (a lower bound on the maximum): Gaussian pre-fit on a sparse grid."""
+def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40):
+    """A likelihood value actually attained (a lower bound on the maximum): Gaussian pre-fit on a sparse grid.
+
+    Per (age, every 5th E(B-V) node) the weighted least-squares mass mu; candidates are the n_best points of
+    smallest chi^2 at mu and the n_best of smallest chi^2 at mu moved up to the support edge (every band
+    sigma <= f/2, where the likelihood has one). The second set matters when a precise band fixes the mass and
+    a noisy one's edge excludes it: the best unconstrained fits are then all outside the support, and a seed
+    taken from them lay ~30,000 nats below the maximum (every cell passed the screen, ~2e8 were evaluated to
+    keep 4e4). The exact likelihood is evaluated around each candidate's mu and edge."""
     if "A_seed" not in prep:
         prep["A_seed"] = np.ascontiguousarray(prep["A"][:, ::5])     # every 5th E(B-V) node
     a = prep["A_seed"] + off                                  # (n_a, n_e', 5)
     w = 1.0 / np.log1p(rstar ** 2)
     mu = -(a @ w) / w.sum()
-    chi = ((a + mu[..., None]) ** 2) @ w
-    best = _smallest(chi.ravel(), 40)
-    ia, ie = np.unravel_index(best, chi.shape)
+    has_edge = likelihood in ("exact", "gaussian", "no_2_over_f")
+    edge = np.max(np.log(2.0 * rstar) - a, axis=-1) if has_edge else mu
+    cands = [_smallest((((a + m[..., None]) ** 2) @ w).ravel(), n_best) for m in (mu, np.maximum(mu, edge))]
+    ia, ie = np.unravel_index(np.unique(np.concatenate(cands)), mu.shape)
     s_eff = 1.0 / np.sqrt(w.sum())
-    edge = np.max(np.log(2.0 * rstar) - a[ia, ie], axis=1) if likelihood in ("exact", "gaussian", "no_2_over_f") \
-        else mu[ia, ie]
     grid = np.concatenate([mu[ia, ie][:, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
-                           edge[:, None] + s_eff * np.linspace(1e-6, 6, 25)[None, :]], axis=1)
+                           edge[ia, ie][:, None] + s_eff * np.linspace(1e-6, 6, 25)[None, :]], axis=1)
     grid = np.clip(grid, LOG_MASS_RANGE[0] * LN10, LOG_MASS_RANGE[1] * LN10)
     y = a[ia, ie][:, None, :] + grid[..., None]
     L = band_loglike(y, rstar, likelihood).sum(-1)

@@ -214,6 +214,23 @@ def test_active_combinations_are_those_whose_segment_bound_reaches_the_threshold
         assert (lo1[0], hi1[0]) == (lo[s], hi[s])
 
 
+def test_seed_respects_the_support_edge():
+    """A precise band fixes the mass, and a noisy band observed 30 % below its model flux (sigma = 0.49 f: the
+    edge nearly binds at the truth) rules out the masses that fit best in the Gaussian sense. The seed lower
+    bound on the likelihood's maximum must still come from inside the support: from the unconstrained fits alone
+    it was -351 nats here, and ~-30,000 for cluster 241 of bench_grid's SBC set (2e8 cells evaluated to keep
+    4e4). Real table: its 426,000 seed points put the 40 best fits close together."""
+    import simulate
+    theta = np.array([3.0, 5.0, 0.3])                                # 1 Gyr, 1e5 Msun, E(B-V) 0.3
+    d = 10.0
+    f = simulate.model_flux(np.array([1000]), theta[2:], theta[1:2], np.array([d]))[0]
+    fs = f * np.array([1.0, 1.1, 0.9, 1.05, 0.7])
+    r = np.array([0.006, 0.2, 0.3, 0.35, 0.49]) * f / fs             # r* = sigma / f*, sigma = r f
+    at_truth = gp.log_likelihood(theta, fs, r, d)[0]
+    assert np.isfinite(at_truth)
+    prep = gp._table()
+    assert gp._seed_lower_bound(prep, gp._row_offsets(prep, fs, d), r, "exact") >= at_truth - 10.0
+
 def test_log_density_consistent_with_cells(table):
     """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label
     density t' ln 10 in log10 t' coordinates; -inf outside the prior."""

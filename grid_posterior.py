@@ -234,28 +234,37 @@ def _row_offsets(prep, flux, dist):
     return 2.0 * np.log(1e-5 / dist) - np.log(flux)
 
 
-def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40):
+def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40, n_screen=2000):
     """A likelihood value actually attained (a lower bound on the maximum): Gaussian pre-fit on a sparse grid.
 
-    Per (age, every 5th E(B-V) node) the weighted least-squares mass mu; candidates are the n_best points of
-    smallest chi^2 at mu and the n_best of smallest chi^2 at mu moved up to the support edge (every band
-    sigma <= f/2, where the likelihood has one). The second set matters when a precise band fixes the mass and
-    a noisy one's edge excludes it: the best unconstrained fits are then all outside the support, and a seed
-    taken from them lay ~30,000 nats below the maximum (every cell passed the screen, ~2e8 were evaluated to
-    keep 4e4). The exact likelihood is evaluated around each candidate's mu and edge."""
+    Per (age, every 5th E(B-V) node) the weighted least-squares mass mu, and mu_c: mu moved into the support
+    (up to the support edge, where every band has sigma <= f/2, and into the prior's mass range). Candidates:
+    the n_best points of smallest chi^2 at mu, and of the n_screen of smallest chi^2 at mu_c the n_best of
+    highest exact likelihood at mu_c; the likelihood is then evaluated on a mass grid around each candidate's
+    mu, mu_c and edge. The constrained candidates matter when a precise band fixes the mass and a noisy band's
+    edge (or the mass prior) excludes it: the best unconstrained fits then all lie outside the support, and a
+    seed taken from them was up to ~30,000 nats below the maximum (every cell passed the screen: ~2e8
+    evaluated to keep 4e4, cluster 241 of bench_grid's SBC set), or -inf."""
     if "A_seed" not in prep:
         prep["A_seed"] = np.ascontiguousarray(prep["A"][:, ::5])     # every 5th E(B-V) node
     a = prep["A_seed"] + off                                  # (n_a, n_e', 5)
     w = 1.0 / np.log1p(rstar ** 2)
     mu = -(a @ w) / w.sum()
+    lo, hi = LOG_MASS_RANGE[0] * LN10, LOG_MASS_RANGE[1] * LN10
     has_edge = likelihood in ("exact", "gaussian", "no_2_over_f")
-    edge = np.max(np.log(2.0 * rstar) - a, axis=-1) if has_edge else mu
-    cands = [_smallest((((a + m[..., None]) ** 2) @ w).ravel(), n_best) for m in (mu, np.maximum(mu, edge))]
-    ia, ie = np.unravel_index(np.unique(np.concatenate(cands)), mu.shape)
+    edge = np.max(np.log(2.0 * rstar) - a, axis=-1) if has_edge else np.full_like(mu, lo)
+    mu_c = np.clip(np.maximum(mu, edge), lo, hi)
+    chi_c = np.where(edge <= hi, ((a + mu_c[..., None]) ** 2) @ w, np.inf).ravel()
+    screen = _smallest(chi_c, n_screen)
+    at_c = band_loglike(a.reshape(-1, 5)[screen] + mu_c.ravel()[screen, None], rstar, likelihood).sum(-1)
+    cands = np.concatenate([_smallest((((a + mu[..., None]) ** 2) @ w).ravel(), n_best),
+                            screen[_smallest(-at_c, n_best)]])
+    ia, ie = np.unravel_index(np.unique(cands), mu.shape)
     s_eff = 1.0 / np.sqrt(w.sum())
     grid = np.concatenate([mu[ia, ie][:, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
+                           mu_c[ia, ie][:, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
                            edge[ia, ie][:, None] + s_eff * np.linspace(1e-6, 6, 25)[None, :]], axis=1)
-    grid = np.clip(grid, LOG_MASS_RANGE[0] * LN10, LOG_MASS_RANGE[1] * LN10)
+    grid = np.clip(grid, lo, hi)
     y = a[ia, ie][:, None, :] + grid[..., None]
     L = band_loglike(y, rstar, likelihood).sum(-1)
     return float(np.max(L))

@@ -214,22 +214,30 @@ def test_active_combinations_are_those_whose_segment_bound_reaches_the_threshold
         assert (lo1[0], hi1[0]) == (lo[s], hi[s])
 
 
-def test_seed_respects_the_support_edge():
-    """A precise band fixes the mass, and a noisy band observed 30 % below its model flux (sigma = 0.49 f: the
-    edge nearly binds at the truth) rules out the masses that fit best in the Gaussian sense. The seed lower
-    bound on the likelihood's maximum must still come from inside the support: from the unconstrained fits alone
-    it was -351 nats here, and ~-30,000 for cluster 241 of bench_grid's SBC set (2e8 cells evaluated to keep
-    4e4). Real table: its 426,000 seed points put the 40 best fits close together."""
+def test_seed_respects_the_support_edge_and_the_mass_prior():
+    """The seed lower bound on the likelihood's maximum (which sets the screen's threshold, seed - tail) must
+    come from inside the support. (1) A precise band fixes the mass, and a noisy band observed 30 % below its
+    model flux (sigma = 0.49 f: the edge nearly binds at the truth) rules out the masses that fit best in the
+    Gaussian sense: from the unconstrained fits alone the seed was -351 nats here (and ~-30,000 for cluster
+    241 of bench_grid's SBC set: 2e8 cells evaluated to keep 4e4). (2) A cluster at the prior's lowest mass,
+    observed 30 % faint: the best fits lie below 100 Msun, and clipping them gave a seed 18 nats low. Real
+    table: its 426,000 seed points put the 40 best fits close together."""
     import simulate
-    theta = np.array([3.0, 5.0, 0.3])                                # 1 Gyr, 1e5 Msun, E(B-V) 0.3
     d = 10.0
-    f = simulate.model_flux(np.array([1000]), theta[2:], theta[1:2], np.array([d]))[0]
-    fs = f * np.array([1.0, 1.1, 0.9, 1.05, 0.7])
-    r = np.array([0.006, 0.2, 0.3, 0.35, 0.49]) * f / fs             # r* = sigma / f*, sigma = r f
-    at_truth = gp.log_likelihood(theta, fs, r, d)[0]
-    assert np.isfinite(at_truth)
+    cases = (([3.0, 5.0, 0.3], [1.0, 1.1, 0.9, 1.05, 0.7], [0.006, 0.2, 0.3, 0.35, 0.49]),
+             ([3.0, 2.02, 0.3], [0.7] * 5, [0.3, 0.05, 0.2, 0.2, 0.17]))
     prep = gp._table()
-    assert gp._seed_lower_bound(prep, gp._row_offsets(prep, fs, d), r, "exact") >= at_truth - 10.0
+    for theta, factor, r_true in cases:
+        theta = np.array(theta)
+        f = simulate.model_flux(np.array([10 ** theta[0]]), theta[2:], theta[1:2], np.array([d]))[0]
+        fs = f * np.array(factor)
+        r = np.array(r_true) * f / fs                                # r* = sigma / f*, sigma = r f
+        seed = gp._seed_lower_bound(prep, gp._row_offsets(prep, fs, d), r, "exact")
+        if theta[1] > 3:
+            at_truth = gp.log_likelihood(theta, fs, r, d)[0]
+            assert np.isfinite(at_truth) and seed >= at_truth - 10.0
+        else:                                                        # the truth fits badly: compare with the grid
+            assert seed >= gp.exact_posterior(fs, r, d)["log_like"].max() - 1.0
 
 def test_log_density_consistent_with_cells(table):
     """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label

@@ -246,7 +246,7 @@ def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40, n_screen=2000):
     seed taken from them was up to ~30,000 nats below the maximum (every cell passed the screen: ~2e8
     evaluated to keep 4e4, cluster 241 of bench_grid's SBC set), or -inf.
     chi^2(m) = sum_b w_b (a_b + m)^2 = S2 + 2 m S1 + m^2 W with a = ln F + off, from matrix-vector products
-    with the cached seed table and its square (no (ages, nodes, 5) temporaries: ~10 ms per cluster)."""
+    with the cached seed table and its square (no (ages, nodes, 5) temporaries): ~20 ms per cluster."""
     if "A_seed" not in prep:
         a0 = np.ascontiguousarray(prep["A"][:, ::5])                # every 5th E(B-V) node
         prep["A_seed"] = a0.reshape(-1, 5)
@@ -449,7 +449,8 @@ def _cols(op, x):
 
 EBV_OVERSAMPLE = 1.5   # sheared cells: E(B-V) cells per profile sd = EBV_OVERSAMPLE * resolution (see _rows)
 # 1.5 (3 cells per sd at the default resolution) since the thirteenth session; it was 3, which gave broad
-# posteriors two rows per 0.01 mag table segment instead of one: 1.6x their time, the same quantiles to 2e-3.
+# posteriors two rows per 0.01 mag table segment instead of one: 2-3x their time (1.5x the mean over
+# bench_grid's 40 clusters) for the same quantiles to 2e-3 (README, Measured figures).
 
 
 def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):

@@ -239,6 +239,7 @@ def test_seed_respects_the_support_edge_and_the_mass_prior():
         else:                                                        # the truth fits badly: compare with the grid
             assert seed >= gp.exact_posterior(fs, r, d)["log_like"].max() - 1.0
 
+
 def test_log_density_consistent_with_cells(table):
     """log_density at the cell centres = cell probability / cell volume (midpoint rule), times the label
     density t' ln 10 in log10 t' coordinates; -inf outside the prior."""

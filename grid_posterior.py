@@ -241,8 +241,9 @@ def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40, n_screen=2000):
     (up to the support edge, where every band has sigma <= f/2, and into the prior's mass range). Candidates:
     the n_best points of smallest chi^2 at mu, and of the n_screen of smallest chi^2 at mu_c the n_best of
     highest exact likelihood at mu_c; the likelihood is then evaluated on a mass grid around each candidate's
-    mu, mu_c and edge. The constrained candidates matter when a precise band fixes the mass and a noisy band's
-    edge (or the mass prior) excludes it: the best unconstrained fits then all lie outside the support, and a
+    mu_c and edge (mu_c = mu inside the support; outside it, the points a grid around mu could reach inside
+    the support lie in these). The constrained candidates matter when a precise band fixes the mass and a
+    noisy band's edge (or the mass prior) excludes it: the best unconstrained fits then all lie outside the support, and a
     seed taken from them was up to ~30,000 nats below the maximum (every cell passed the screen: ~2e8
     evaluated to keep 4e4, cluster 241 of bench_grid's SBC set), or -inf.
     chi^2(m) = sum_b w_b (a_b + m)^2 = S2 + 2 m S1 + m^2 W with a = ln F + off, from matrix-vector products
@@ -272,8 +273,7 @@ def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40, n_screen=2000):
     at_c = band_loglike(A[screen] + off + mu_c[screen, None], rstar, likelihood).sum(-1)
     cands = np.unique(np.concatenate([_smallest(S2 - S1 * S1 / W, n_best), screen[_smallest(-at_c, n_best)]]))
     s_eff = 1.0 / np.sqrt(W)
-    grid = np.concatenate([mu[cands, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
-                           mu_c[cands, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
+    grid = np.concatenate([mu_c[cands, None] + s_eff * np.linspace(-6, 6, 49)[None, :],
                            edge[cands, None] + s_eff * np.linspace(1e-6, 6, 25)[None, :]], axis=1)
     grid = np.clip(grid, lo, hi)
     y = (A[cands] + off)[:, None, :] + grid[..., None]

@@ -1,6 +1,6 @@
 """Real star-cluster catalogues in, result catalogues out (Walter et al. 2026, Sect. 2.3 and 3.2).
 
-Three readers turn published photometry into the observation dict of DESIGN Sect. 4 (via
+Three readers turn published photometry into the observation dict of SPEC.md Sect. 4 (via
 preprocess.prepare_real, which adds the 5 % systematic of Eq. 10):
 
     read_phangs(path, distance_mpc)         PHANGS-HST cluster catalogues as released at MAST (FITS, mJy)
@@ -19,8 +19,8 @@ in all five bands. Rows outside the training domain are kept and flagged, never 
     distance     distance outside 1-30 Mpc (training range)
     uv_err       catalogue relative flux error above 40 % in F275W or F336W (paper Sect. 3.2.4)
 
-`python evaluate.py catalog ...` (registered by add_catalog_parser) runs a trained cINN on a catalogue and
-writes the result table (run_catalog). `python catalogs.py read ...` only reads and reports (optionally writing
+`python evaluate.py catalog ...` runs a trained cINN on a catalogue and writes the result table
+(evaluate.catalog_results, result_table here). `python catalogs.py read ...` only reads and reports (optionally writing
 the observation .npz); `python catalogs.py synthetic ...` writes a synthetic PHANGS-format catalogue. make_synthetic_phangs writes a PHANGS-format FITS file from the
 forward model, for tests and for pipeline.py.
 """
@@ -31,14 +31,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
+from astropy.table import Table
 
-BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")  # = simulate.BANDS, the order used everywhere
-SYS_ERR = 0.05  # Eq. 10
-REL_ERR_MAX = 0.5  # upper end of the training prior of the relative error r
+import checks
+import preprocess
+from simulate import (BANDS, DISTANCE_RANGE_MPC, R_MAX, SYS_ERR, age_bin, mstar_fraction, model_flux, sample_prior,
+                      save_npz)
+
 UV_REL_ERR_MAX = 0.4  # paper Sect. 3.2.4: UV bands with larger errors are outside what the cINN saw
-DISTANCE_RANGE_MPC = (1.0, 30.0)  # = simulate.DISTANCE_RANGE_MPC
-FLAG_BITS = {"rel_err": 1, "distance": 2, "uv_err": 4}
+FLAG_BITS = {"rel_err": 1, "distance": 2, "uv_err": 4, "flux_range": 8}
 AB_ZERO_POINT_MJY = 3.631e6  # AB magnitude 0 in mJy: f = 3.631e6 * 10**(-0.4 m_AB)
 
 # WFC3/UVIS Vega -> AB offsets zpAB - zpVEGA (mag), from the STScI WFC3/UVIS photometric zero points
@@ -74,14 +77,17 @@ def mag_err_to_rel_err(mag_err):
     return 0.4 * np.log(10.0) * np.asarray(mag_err, float)
 
 
-def domain_flags(rel_err_total, cat_rel_err, distance_mpc):
+def domain_flags(rel_err_total, cat_rel_err, distance_mpc, flux_mjy=None):
     """Bit mask per row (FLAG_BITS) of what lies outside the training domain; nothing is dropped here.
 
     rel_err_total: (N, 5) relative errors after the 5 % systematic (Eq. 10); cat_rel_err: (N, 5) the
-    catalogue's own relative errors (without the systematic), used for the 40 % UV criterion.
+    catalogue's own relative errors (without the systematic), used for the 40 % UV criterion; flux_mjy (N, 5):
+    a flux more than ten times outside what any cluster of the prior has at 1-30 Mpc (checks.flux_outside_model).
     """
     flags = np.zeros(len(distance_mpc), dtype=np.int64)
-    flags |= np.where(np.any(rel_err_total > REL_ERR_MAX, axis=1), FLAG_BITS["rel_err"], 0)
+    if flux_mjy is not None:
+        flags |= np.where(checks.flux_outside_model(flux_mjy), FLAG_BITS["flux_range"], 0)
+    flags |= np.where(np.any(rel_err_total > R_MAX, axis=1), FLAG_BITS["rel_err"], 0)
     d = np.asarray(distance_mpc, float)
     flags |= np.where((d < DISTANCE_RANGE_MPC[0]) | (d > DISTANCE_RANGE_MPC[1]), FLAG_BITS["distance"], 0)
     flags |= np.where(np.any(cat_rel_err[:, :2] > UV_REL_ERR_MAX, axis=1), FLAG_BITS["uv_err"], 0)
@@ -109,7 +115,6 @@ def read_distance_table(path):
     Accepts the Calzetti et al. (2015) Table 1 file (ascii.commented_header, header_start=3) or any
     astropy-readable table with those two columns.
     """
-    from astropy.table import Table
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: distance table not found")
@@ -201,8 +206,8 @@ def _check_ids(path, ids):
 
 def _finish(path, fmt, ids, ra, dec, flux, err, distance, reasons, estimates, mass_kind, sys_err=SYS_ERR):
     """Apply the selection, call preprocess.prepare_real (Eq. 10), add flags and build the report."""
-    import preprocess
     n = len(ids)
+    _check_sky(path, ra, dec)
     keep, dropped = _first_reason(path, reasons)
     flux, err = np.asarray(flux, float)[keep], np.asarray(err, float)[keep]
     dist = np.broadcast_to(np.asarray(distance, float), (n,))[keep]
@@ -211,7 +216,7 @@ def _finish(path, fmt, ids, ra, dec, flux, err, distance, reasons, estimates, ma
     if keep.sum() == 0:
         raise ValueError(f"{path}: no cluster passes the selection\n" + format_report(report))
     obs = preprocess.prepare_real(flux, err, dist, sys_err=sys_err, ids=np.asarray(ids)[keep])
-    flags = domain_flags(np.asarray(obs["rel_err"]), err / flux, dist)
+    flags = domain_flags(np.asarray(obs["rel_err"]), err / flux, dist, flux)
     obs["ra_deg"] = np.asarray(ra, float)[keep]
     obs["dec_deg"] = np.asarray(dec, float)[keep]
     obs["flags"] = flags
@@ -220,6 +225,17 @@ def _finish(path, fmt, ids, ra, dec, flux, err, distance, reasons, estimates, ma
     est["mass_kind"] = mass_kind
     print(format_report(report), file=sys.stderr)
     return obs, est, report
+
+
+def _check_sky(path, ra, dec):
+    """RA in [0, 360) and Dec in [-90, 90] degrees where given: anything else is a wrong column, refused."""
+    with np.errstate(invalid="ignore"):
+        for name, v, lo, hi in (("RA", ra, 0.0, 360.0), ("Dec", dec, -90.0, 90.0)):
+            v = np.asarray(v, float)
+            bad = np.isfinite(v) & ((v < lo) | (v > hi) | ((v == hi) & (name == "RA")))
+            if bad.any():
+                raise ValueError(f"{path}: {name} outside [{lo:g}, {hi:g}] degrees at rows "
+                                 f"{np.flatnonzero(bad)[:5].tolist()} (e.g. {v[bad][0]:g}): a wrong column?")
 
 
 def format_report(report):
@@ -252,14 +268,17 @@ def _log10_range(value, err):
 
 def _read_fits_or_table(path, **kw):
     """astropy Table.read with a ValueError naming the file for missing, empty or corrupt files."""
-    from astropy.table import Table
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
+    text = {".txt": "ascii", ".dat": "ascii", ".tsv": "ascii.tab"}.get(path.suffix.lower())
+    if text and "format" not in kw:
+        kw["format"] = text
     try:
         tab = Table.read(path, **kw)
     except Exception as exc:  # astropy raises OSError, TypeError, ... for truncated/corrupt files
-        raise ValueError(f"{path}: cannot read as a table ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: cannot read as a table ({type(exc).__name__}: {first})") from None
     if len(tab) == 0:
         raise ValueError(f"{path}: the table has no rows")
     return tab
@@ -334,21 +353,18 @@ def _optional(tab, name):
 def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0.35, 0.2)):
     """Write a PHANGS-format FITS catalogue of n clusters simulated with the forward model.
 
-    Parameters from simulate.sample_prior, photometry from simulate.model_flux at `distance_mpc`, noise from
-    preprocess.add_noise (DESIGN Sect. 3). Classes 1/2/3 drawn with `class_probs`; about 2 % of rows get a
+    Parameters from sample_prior, photometry from model_flux at `distance_mpc`, noise from
+    preprocess.add_noise (SPEC.md Sect. 3). Classes 1/2/3 drawn with `class_probs`; about 2 % of rows get a
     no-coverage flag and 2 % a non-detection flag with a NaN flux, so the selection has work to do.
     The CIGALE columns PHANGS_*_MINCHISQ hold the TRUE parameters (age Myr, current stellar mass, E(B-V))
     with _ERR = NaN: on this synthetic catalogue "the catalogue's own estimate" is the truth, so the Table 1
     share "truth inside the cINN 16-84 % interval" is a coverage check (68 % when calibrated).
     Returns the table (astropy Table) and writes it atomically.
     """
-    import preprocess
-    import simulate
-    from astropy.table import Table
     rng = np.random.default_rng(seed)
-    prior = simulate.sample_prior(n, rng)
+    prior = sample_prior(n, rng)
     age, logm, ebv = prior["age_myr"], prior["log10_mass"], prior["ebv"]
-    flux_true = simulate.model_flux(age, ebv, logm, distance_mpc)
+    flux_true = model_flux(age, ebv, logm, distance_mpc)
     flux, rel_err = preprocess.add_noise(flux_true, rng)
     err = rel_err * flux
     cls = rng.choice([1, 2, 3], size=n, p=np.asarray(class_probs) / np.sum(class_probs))
@@ -369,7 +385,7 @@ def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0
     t["PHANGS_NON_DETECTION_FLAG"] = non_det
     t["PHANGS_AGE_MINCHISQ"] = age.astype(float)
     t["PHANGS_AGE_MINCHISQ_ERR"] = np.full(n, np.nan)
-    t["PHANGS_MASS_MINCHISQ"] = 10.0 ** logm * simulate.mstar_fraction(age)
+    t["PHANGS_MASS_MINCHISQ"] = 10.0 ** logm * mstar_fraction(age)
     t["PHANGS_MASS_MINCHISQ_ERR"] = np.full(n, np.nan)
     t["PHANGS_EBV_MINCHISQ"] = ebv
     t["PHANGS_EBV_MINCHISQ_ERR"] = np.full(n, np.nan)
@@ -390,20 +406,23 @@ def _load_legus_text(path):
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
     rows = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            parts = line.split()
-            if not parts or parts[0].startswith("#"):
-                continue
-            if len(parts) < LEGUS_MIN_COLUMNS:
-                raise ValueError(f"{path}: line {lineno} has {len(parts)} columns, a LEGUS catalogue row needs "
-                                 f">= {LEGUS_MIN_COLUMNS} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., "
-                                 f"class); truncated file or wrong number of bands?")
-            try:
-                rows.append([float(p) for p in parts[:LEGUS_MIN_COLUMNS]])
-            except ValueError:
-                raise ValueError(f"{path}: line {lineno}: non-numeric value in the first {LEGUS_MIN_COLUMNS} "
-                                 f"columns") from None
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; a LEGUS catalogue is whitespace-separated text") from None
+    for lineno, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts) < LEGUS_MIN_COLUMNS:
+            raise ValueError(f"{path}: line {lineno} has {len(parts)} columns, a LEGUS catalogue row needs "
+                             f">= {LEGUS_MIN_COLUMNS} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., "
+                             f"class); truncated file or wrong number of bands?")
+        try:
+            rows.append([float(p) for p in parts[:LEGUS_MIN_COLUMNS]])
+        except ValueError:
+            raise ValueError(f"{path}: line {lineno}: non-numeric value in the first {LEGUS_MIN_COLUMNS} "
+                             f"columns") from None
     if not rows:
         raise ValueError(f"{path}: the catalogue has no rows")
     return np.array(rows)
@@ -427,7 +446,7 @@ def read_legus(path, distance_mpc):
     distance = resolve_distance(distance_mpc, path)
     not_fov = np.isclose(mag, LEGUS_NOT_IN_FOV) | np.isclose(merr, LEGUS_NOT_IN_FOV)
     not_det = np.isclose(mag, LEGUS_NOT_DETECTED) | np.isclose(merr, LEGUS_NOT_DETECTED)
-    bad_mag = ~np.isfinite(mag) | np.isin(mag, FLUX_SENTINELS) | (np.abs(mag) > 40)
+    bad_mag = ~np.isfinite(mag) | np.isin(mag, FLUX_SENTINELS) | (mag <= 0) | (mag > 40)    # <= 0: impossible
     bad_err = ~np.isfinite(merr) | (merr < 0) | np.isin(merr, FLUX_SENTINELS)
     with np.errstate(over="ignore", invalid="ignore"):
         flux = np.stack([vega_to_mjy(mag[:, j], b) for j, b in enumerate(BANDS)], axis=1)
@@ -435,7 +454,7 @@ def read_legus(path, distance_mpc):
     reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
                ("not in the field of view in a band (66.666)", not_fov.any(axis=1)),
                ("not detected in a band (99.999)", not_det.any(axis=1)),
-               ("invalid magnitude in a band (NaN, 44.444 or other sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
+               ("invalid magnitude in a band (NaN, <= 0, > 40, 44.444 or other sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
                ("invalid magnitude error in a band (NaN, < 0 or sentinel)", bad_err.any(axis=1))]
     fitted = a[:, 16] > 0  # LEGUS writes zeros for sources it did not fit (Nflt < 4)
     ranged = fitted & ((a[:, 17] > 0) | (a[:, 18] > 0))  # max = min = 0: no 68 % range given
@@ -454,8 +473,8 @@ def read_legus(path, distance_mpc):
 # ----------------------------------------------------------------------------------------------------------
 # any table + column mapping
 
-TABLE_KEYS = tuple(f"flux_{b}" for b in BANDS) + tuple(f"err_{b}" for b in BANDS)
-TABLE_OPTIONAL = ("id", "ra", "dec", "class", "distance", "age_myr", "age_myr_err", "mass", "mass_err",
+COLUMN_KEYS = tuple(f"flux_{b}" for b in BANDS) + tuple(f"err_{b}" for b in BANDS)
+COLUMN_OPTIONAL = ("id", "ra", "dec", "class", "distance", "age_myr", "age_myr_err", "mass", "mass_err",
                   "ebv", "ebv_err")
 
 
@@ -473,10 +492,10 @@ def parse_columns(spec):
                 raise ValueError(f"--columns: item {item!r} is not KEY=COLUMN")
             k, v = (s.strip() for s in item.split("=", 1))
             mapping[k] = v
-    unknown = sorted(set(mapping) - set(TABLE_KEYS) - set(TABLE_OPTIONAL))
+    unknown = sorted(set(mapping) - set(COLUMN_KEYS) - set(COLUMN_OPTIONAL))
     if unknown:
-        raise ValueError(f"--columns: unknown key(s) {unknown}; allowed: {list(TABLE_KEYS + TABLE_OPTIONAL)}")
-    missing = [k for k in TABLE_KEYS if k not in mapping]
+        raise ValueError(f"--columns: unknown key(s) {unknown}; allowed: {list(COLUMN_KEYS + COLUMN_OPTIONAL)}")
+    missing = [k for k in COLUMN_KEYS if k not in mapping]
     if missing:
         raise ValueError(f"--columns: missing {missing}; all five bands {BANDS} need flux_<band> and "
                          f"err_<band> (fluxes in mJy unless the column carries a unit)")
@@ -485,7 +504,6 @@ def parse_columns(spec):
 
 def _flux_column(tab, path, name):
     """Flux-like column in mJy: converted with astropy units when the column has a flux-density unit."""
-    import astropy.units as u
     if name not in tab.colnames:
         raise ValueError(f"{path}: missing column {name!r}")
     col = tab[name]
@@ -531,7 +549,7 @@ def read_table(path, columns, distance_mpc=None, fmt=None):
         distance = resolve_distance(distance_mpc, path)
     cls = _column(tab, path, mapping["class"]) if "class" in mapping else np.ones(n)
     empty = np.zeros(n, bool)
-    for k in TABLE_KEYS:
+    for k in COLUMN_KEYS:
         empty |= np.ma.getmaskarray(tab[mapping[k]])
     reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
                ("empty flux or error cell (masked value; truncated row?)", empty),
@@ -577,6 +595,9 @@ def write_table_atomic(table, path):
     os.close(fd)
     try:
         table.write(tmp, format=fmt, overwrite=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)                 # mkstemp makes 0600; a table is for everyone to read
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -584,43 +605,21 @@ def write_table_atomic(table, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the `catalog` subcommand of evaluate.py: catalogue -> cINN posteriors -> result table
+# The result table of `evaluate.py catalog` (evaluate.catalog_results)
 
 RESULT_PARAMS = ("log10_age_myr", "log10_mass", "log10_mstar", "ebv")
 RESULT_UNITS = {"log10_age_myr": "log10(t/Myr)", "log10_mass": "log10(m0/Msun), initial mass",
                 "log10_mstar": "log10(M*/Msun), current stellar mass", "ebv": "mag"}
 
 
-def add_catalog_parser(subparsers):
-    """Register `catalog` on evaluate.py's subparsers (evaluate.py calls this; run_catalog is the handler)."""
-    p = subparsers.add_parser(
-        "catalog", help="run a trained cINN on a real (or synthetic) cluster catalogue -> result table",
-        description="Read a PHANGS, LEGUS or any astropy table, select classes 1-2 with valid photometry in all "
-                    "five bands, draw cINN posterior samples, and write id, RA, Dec, MAP and up to three modes, "
-                    "16/50/84 %% quantiles (log age, log initial mass, log current stellar mass, E(B-V)), "
-                    "re-simulation chi^2 (Eq. 11) and training-domain flags to OUT (.ecsv and .fits). "
-                    "With the catalogue's own estimates and/or the grid MLE: Table 1 inliers and figures.")
-    p.add_argument("--input", nargs="+", required=True, help="catalogue file(s); several are concatenated")
-    p.add_argument("--format", choices=("phangs", "legus", "table"), required=True)
-    p.add_argument("--distance", default=None,
-                   help="distance in Mpc, or a table with columns name, distance_mpc (e.g. the Calzetti et al. "
-                        "2015 Table 1 file): the galaxy is taken from each file name")
-    p.add_argument("--columns", default=None,
-                   help="for --format table: flux_F275W=COL,err_F275W=COL,... for all five bands (mJy unless "
-                        "the column has a unit); optional id, ra, dec, class, distance, age_myr, mass, ebv, *_err")
-    p.add_argument("--model", required=True, help="cINN checkpoint or run directory holding model.pt")
-    p.add_argument("--out", required=True, help="result table path; .ecsv and .fits are both written")
-    p.add_argument("--samples", type=int, default=10000, help="posterior samples per cluster (paper: 1e4)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical tables)")
-    p.add_argument("--device", default=None, help="torch device for the cINN (default: cuda if available)")
-    p.add_argument("--no-mle", action="store_true", help="skip the grid MLE (grid_posterior.mle)")
-    p.add_argument("--no-figures", action="store_true")
-    p.set_defaults(func=run_catalog)
-    return p
-
-
 def read_many(paths, fmt, distance=None, columns=None):
-    """Read several catalogues and concatenate them; adds `field` (from the file name) to obs."""
+    """Read several catalogues and concatenate them; adds `field` (from the file name) to obs. The same
+    (field, id) twice (a file given twice, or two files of one field) is refused."""
+    fields = [galaxy_from_filename(p) for p in paths]
+    twice = sorted({f for f in fields if fields.count(f) > 1})
+    if twice:
+        raise ValueError(f"field(s) {twice} given by more than one --input file ({[str(p) for p in paths]}): the "
+                         "result table would hold the same (field, id) twice")
     parts = [read_catalog(p, fmt, distance, columns) for p in paths]
     obs = {}
     for k in parts[0][0]:
@@ -636,27 +635,12 @@ def read_many(paths, fmt, distance=None, columns=None):
 
 def log10_mstar(theta):
     """log10 current stellar mass of theta (..., 3): log10 m0 + log10 M*(t)/m0 at the integer grid age."""
-    import evaluate
-    import simulate
     theta = np.asarray(theta, float)
     out = np.full(theta.shape[:-1], np.nan)
     ok = np.all(np.isfinite(theta), axis=-1)
-    age = evaluate.theta_to_age_myr(np.where(ok, theta[..., 0], 0.0))
-    out[ok] = (theta[..., 1] + np.log10(simulate.mstar_fraction(age)))[ok]
+    age = age_bin(np.where(ok, theta[..., 0], 0.0))
+    out[ok] = (theta[..., 1] + np.log10(mstar_fraction(age)))[ok]
     return out
-
-
-def posterior_summary(samples, summ=None):
-    """evaluate.summarize (or its result `summ`) plus log current stellar mass: dict of (N, K, 4) modes and
-    (N, 3, 4) quantiles over RESULT_PARAMS (log age, log m0, log M*, E(B-V))."""
-    import evaluate
-    summ = evaluate.summarize(samples) if summ is None else summ
-    modes3, q3 = summ["modes"], summ["quantiles"]
-    lms = log10_mstar(samples)  # (N, S)
-    modes = np.concatenate([modes3[..., :2], log10_mstar(modes3)[..., None], modes3[..., 2:]], axis=-1)
-    q_ms = np.quantile(lms, evaluate.QUANTILE_LEVELS, axis=1).T  # (N, 3)
-    quant = np.concatenate([q3[..., :2], q_ms[..., None], q3[..., 2:]], axis=-1)
-    return {"modes": modes, "quantiles": quant, "n_modes": summ["n_modes"]}
 
 
 def with_mstar(theta3, lo3=None, hi3=None):
@@ -672,7 +656,7 @@ def with_mstar(theta3, lo3=None, hi3=None):
 
 
 def to_initial_mass(theta_cur):
-    """(log age, log current stellar mass, E(B-V)) -> (log age, log m0, E(B-V)) via simulate.mstar_fraction."""
+    """(log age, log current stellar mass, E(B-V)) -> (log age, log m0, E(B-V)) via mstar_fraction."""
     theta_cur = np.asarray(theta_cur, float)
     out = theta_cur.copy()
     out[:, 1] = theta_cur[:, 1] - (log10_mstar(np.stack([theta_cur[:, 0], np.zeros(len(theta_cur)),
@@ -690,22 +674,9 @@ def catalogue_estimates(est):
     return theta, lo, hi
 
 
-def inlier_table(name, ref, lo, hi, quantiles, map_theta, param_names):
-    """Table 1 rows (evaluate.inlier_fractions) for one reference (grid MLE or catalogue)."""
-    import evaluate
-    from astropy.table import Table
-    f = evaluate.inlier_fractions(ref, lo, hi, quantiles, map_theta)
-    return Table({"reference": [name] * len(param_names), "parameter": list(param_names),
-                  "ref_in_cinn_16_84_pct": 100 * np.asarray(f["mle_in_cinn"]),
-                  "n_ref_in_cinn": np.asarray(f["n_mle_in_cinn"]),
-                  "cinn_map_in_ref_1sigma_pct": 100 * np.asarray(f["map_in_mle"]),
-                  "n_map_in_ref": np.asarray(f["n_map_in_mle"])})
-
-
-def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None, densest=None):
+def result_table(obs, est, summ, chi2_map, mle=None, densest=None):
     """Assemble the per-cluster result table (astropy Table) with units in the column descriptions.
     densest: (N, 3) evaluate.densest_sample (log10 age bin, log10 m0, E(B-V)), as *_densest columns."""
-    from astropy.table import Table
     t = Table()
     t["field"] = obs["field"]
     t["id"] = obs["id"]
@@ -731,7 +702,7 @@ def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None, densest=None
     if mle is not None:
         for j, p in enumerate(RESULT_PARAMS):
             t[f"mle_{p}"], t[f"mle_{p}_lo"], t[f"mle_{p}_hi"] = mle["theta"][:, j], mle["lo"][:, j], mle["hi"][:, j]
-        t["chi2_resim_mle"] = chi2_mle
+        t["chi2_resim_mle"] = mle["chi2"]
     cat, lo, hi = catalogue_estimates(est)
     if np.isfinite(cat).any():
         for j, p in enumerate(("log10_age_myr", "log10_mstar", "ebv")):
@@ -742,126 +713,6 @@ def result_table(obs, est, summ, chi2_map, mle=None, chi2_mle=None, densest=None
     for j, b in enumerate(BANDS):
         t[f"flux_{b}_mjy"] = obs["flux_mjy"][:, j]
         t[f"rel_err_{b}"] = obs["rel_err"][:, j]
-    return t
-
-
-def run_catalog(args):
-    """`evaluate.py catalog`: catalogue -> cINN samples -> summary, chi^2, flags, inliers -> tables, figures.
-
-    Writes OUT.ecsv and OUT.fits (result_table), OUT_obs.npz (the observations fed to the cINN),
-    OUT_inliers.ecsv (Table 1 against the grid MLE and/or the catalogue's own estimates) and, unless
-    --no-figures, evaluate.plot_compare figures (Fig. 6 MAP/closest mode vs reference, Fig. 8 chi^2,
-    Fig. B.3 deviation vs width) as OUT_vs_grid_mle_*.png and OUT_vs_catalogue_*.png, and example posteriors
-    of the three most multimodal clusters (evaluate.plot_modes) as OUT_examples.png.
-    """
-    import evaluate
-    import simulate
-    from astropy.table import vstack
-    out = Path(args.out)
-    stem = out.with_suffix("") if out.suffix.lower() in (".ecsv", ".fits") else out
-    obs, est, reports = read_many(args.input, args.format, args.distance, args.columns)
-    n = len(obs["id"])
-    if len(reports) > 1:
-        print(f"all inputs: {sum(r['rows'] for r in reports)} rows, kept {n}", file=sys.stderr)
-    evaluate.log(f"catalog: {n} clusters, {args.samples} samples each, model {args.model}")
-    model = evaluate.load_model(args.model, args.device)
-    samples = evaluate.draw_samples(model, obs["x"], args.samples, args.seed)
-    evaluate.log("catalog: modes and quantiles (mean-shift)")
-    summ3 = evaluate.summarize(samples)
-    summ = posterior_summary(samples, summ3)
-    sigma = obs["rel_err"] * obs["flux_mjy"]
-    chi2_map = evaluate.resim_chi2(evaluate.resimulate(summ3["modes"][:, 0], obs["distance_mpc"]),
-                                   obs["flux_mjy"], sigma)
-    mle = chi2_mle = res_grid = None
-    if not args.no_mle:
-        import grid_posterior
-        evaluate.log("catalog: grid MLE (grid_posterior.mle)")
-        m = grid_posterior.mle(obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"], progress=True)
-        th, lo, hi = evaluate.mle_theta(m)
-        res_grid = evaluate.compare_with_mle(summ3, th, lo, hi, obs)
-        theta4, lo4, hi4 = with_mstar(th, lo, hi)
-        mle, chi2_mle = {"theta": theta4, "lo": lo4, "hi": hi4}, res_grid["chi2_mle"]
-    densest = evaluate.densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
-    table = result_table(obs, est, summ, chi2_map, mle, chi2_mle, densest)
-    cat, clo, chi = catalogue_estimates(est)
-    res_cat = None
-    if np.isfinite(cat).any():
-        sel = [0, 2, 3]  # catalogue masses are current stellar masses: compare with log M*, not log m0
-        ok = np.all(np.isfinite(cat), axis=1)
-        chi2_cat = np.full(n, np.nan)
-        chi2_cat[ok] = evaluate.resim_chi2(evaluate.resimulate(to_initial_mass(cat[ok]), obs["distance_mpc"][ok]),
-                                           obs["flux_mjy"][ok], sigma[ok])
-        table["chi2_resim_cat"] = chi2_cat
-        table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
-        modes_c, q_c = summ["modes"][:, :, sel], summ["quantiles"][:, :, sel]
-        res_cat = {"map": modes_c[:, 0], "closest": evaluate.closest_mode(modes_c, cat), "mle": cat,
-                   "mle_lo": clo, "mle_hi": chi, "quantiles": q_c, "nu": 5, "chi2_map": chi2_map,
-                   "chi2_mle": chi2_cat}
-        res_cat.update(evaluate.inlier_fractions(cat, clo, chi, q_c, modes_c[:, 0]))
-    table.meta.update({"model": str(args.model), "samples": int(args.samples), "seed": int(args.seed),
-                       "inputs": [str(p) for p in args.input], "format": args.format})
-    write_table_atomic(table, stem.with_suffix(".ecsv"))
-    write_table_atomic(table, stem.with_suffix(".fits"))
-    simulate.save_npz(f"{stem}_obs.npz", **{k: v for k, v in obs.items() if k != "field"},
-                      field=obs["field"].astype(str))
-    inl = []
-    if mle is not None:
-        inl.append(inlier_table("grid MLE", mle["theta"], mle["lo"], mle["hi"], summ["quantiles"],
-                                summ["modes"][:, 0], RESULT_PARAMS))
-    if res_cat is not None:
-        inl.append(inlier_table(f"catalogue ({args.format})", cat, clo, chi, res_cat["quantiles"], res_cat["map"],
-                                [RESULT_PARAMS[i] for i in sel]))
-    if inl:
-        inl = vstack(inl)
-        write_table_atomic(inl, Path(f"{stem}_inliers.ecsv"))
-        print(format_inliers(inl))
-        fields = list(dict.fromkeys(obs["field"]))
-        if len(fields) > 1:
-            by_field = inliers_by_field(obs["field"], fields, summ, mle, (cat, clo, chi) if res_cat is not None
-                                        else None, args.format)
-            write_table_atomic(by_field, Path(f"{stem}_inliers_by_field.ecsv"))
-            print(f"per-field Table 1 inliers in {stem}_inliers_by_field.ecsv")
-    figures = []
-    if not args.no_figures:
-        if res_grid is not None:
-            evaluate.plot_compare(res_grid, f"{stem}_vs_grid_mle")
-            figures.append(f"{stem}_vs_grid_mle_{{map_vs_mle,chi2,width}}.png")
-        if res_cat is not None:
-            _plot_compare_current_mass(res_cat, f"{stem}_vs_catalogue")
-            figures.append(f"{stem}_vs_catalogue_{{map_vs_mle,chi2,width}}.png")
-        multi = np.argsort(-summ3["n_modes"], kind="stable")[:3]  # the most multimodal clusters first
-        evaluate.plot_modes(samples[multi], {k: summ3[k][multi] for k in ("modes", "quantiles")},
-                            f"{stem}_examples.png", n_examples=3)
-        figures.append(f"{stem}_examples.png")
-    print("flagged (kept): " + ", ".join(f"{k} {int(np.count_nonzero(obs['flags'] & b))}"
-                                          for k, b in FLAG_BITS.items()))
-    print(f"median chi2_resim (Eq. 11, nu = 5): cINN MAP {np.nanmedian(chi2_map):.2f}"
-          + (f", grid MLE {np.nanmedian(chi2_mle):.2f}" if chi2_mle is not None else "")
-          + (f", catalogue {np.nanmedian(res_cat['chi2_mle']):.2f}" if res_cat is not None else ""))
-    print(f"wrote {stem.with_suffix('.ecsv')}, {stem.with_suffix('.fits')} ({len(table)} clusters)"
-          + (f", {stem}_inliers.ecsv" if len(inl) else "") + "".join(", " + f for f in figures))
-    return table
-
-
-def inliers_by_field(field, fields, summ, mle, cat, fmt):
-    """Table 1 per field (several catalogues in one run): one row per field, reference and parameter."""
-    from astropy.table import vstack
-    rows = []
-    for f in fields:
-        s = np.asarray(field == f)
-        q, mp = summ["quantiles"][s], summ["modes"][s, 0]
-        if mle is not None:
-            rows.append(inlier_table("grid MLE", mle["theta"][s], mle["lo"][s], mle["hi"][s], q, mp, RESULT_PARAMS))
-            rows[-1]["field"] = f
-        if cat is not None:
-            sel = [0, 2, 3]
-            rows.append(inlier_table(f"catalogue ({fmt})", cat[0][s], cat[1][s], cat[2][s], q[:, :, sel],
-                                     mp[:, sel], [RESULT_PARAMS[i] for i in sel]))
-            rows[-1]["field"] = f
-    t = vstack(rows)
-    t.add_column(t["field"], index=0, name="field_")
-    t.remove_column("field")
-    t.rename_column("field_", "field")
     return t
 
 
@@ -876,23 +727,12 @@ def format_inliers(inl):
     return "\n".join(lines)
 
 
-def _plot_compare_current_mass(res, prefix):
-    """evaluate.plot_compare with the mass axis labelled as current stellar mass (what catalogues report)."""
-    import evaluate
-    labels = evaluate.PARAM_LABELS
-    evaluate.PARAM_LABELS = (labels[0], r"$\log_{10}(M_*/M_\odot)$", labels[2])
-    try:
-        evaluate.plot_compare(res, prefix)
-    finally:
-        evaluate.PARAM_LABELS = labels
-
-
 # ----------------------------------------------------------------------------------------------------------
 # CLI: read catalogues into observation .npz files, or write a synthetic PHANGS-format catalogue
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        description="Read real cluster catalogues into the observation .npz of DESIGN Sect. 4 (per-file counts "
+        description="Read real cluster catalogues into the observation .npz of SPEC.md Sect. 4 (per-file counts "
                     "kept/dropped/flagged are printed), or write a synthetic PHANGS-format catalogue. The cINN run "
                     "on a catalogue is `python evaluate.py catalog`.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -923,11 +763,10 @@ def main(argv=None):
                   f"{flagged:8d}  {d[0] if len(d) else float('nan'):.2f}")
         print(f"{'all':<14} {sum(r['rows'] for r in reports):6d} {len(obs['id']):6d}")
         if args.out:
-            import simulate
             arrays = {k: v for k, v in obs.items() if k != "field"}
             arrays.update(field=obs["field"].astype(str), **{f"cat_{k}": v for k, v in est.items()
                                                              if k != "mass_kind"})
-            simulate.save_npz(args.out, **arrays)
+            save_npz(args.out, **arrays)
             print(f"wrote {args.out}")
         return obs
     except ValueError as exc:

@@ -1,10 +1,8 @@
-"""Conditional invertible neural network (cINN) for p(theta | x), in plain PyTorch (Walter et al. 2026, Sect. 2.1).
+"""The conditional invertible neural network (cINN) for p(theta | x), in plain PyTorch (Walter et al. 2026,
+Sect. 2.1).
 
-The network g maps the (transformed) parameters u = Phi^-1((theta - a)/(b - a)) of a cluster, conditioned on its
-photometry x, to a latent z that is standard normal when the model is right (with the config's floor_scale,
-ridge and ebv_ridge, u_m and u_E also depend on x and on the age bin: the mass floor and the ridges of
-preprocess.py; with age_profile, u_t is the CDF warp of preprocess's age profile; a triangular map whose
-log-Jacobian is the sum of its diagonal):
+The network g maps a cluster's transformed targets u (preprocess.theta_to_u), conditioned on its photometry x,
+to a latent z that is standard normal when the model is right:
 
     z = g(u; x),    p(u | x) = N(z; 0, 1) |det dz/du|,    loss = E[ ||z||^2 / 2 - log|det dz/du| ]   (Eq. 4)
 
@@ -16,38 +14,14 @@ g is a stack of conditional affine coupling blocks (Eqs. 5-7). Each block splits
 
 with log|det| = sum(s2) + sum(s1). Each subnet is an MLP on [half, c] that outputs scale and shift; the log-scale
 is soft-clamped s -> (2 clamp / pi) atan(s / clamp). After each block the three coordinates are shuffled by a
-fixed random permutation drawn from the block's own seeded generator. The condition c is the standardised x
-passed through a small MLP (the condition network), trained jointly.
+fixed random permutation drawn from its own seeded generator. The condition c is the standardised x passed
+through a small MLP (the condition network), trained jointly.
 
-Age bins. The photometry depends on the integer age k only; the label t' = k + U[-1/2, 1/2] Myr is jittered
-independently of x (preprocess.jitter_age). So the true posterior is P(k, m, E | x) times a uniform density in
-t' inside the bin: in log10 t' it is t' ln 10 per Myr, a staircase at young ages that a smooth flow can only
-approximate. By default `sample` and `log_prob` use the flow averaged over each bin, the projection of the flow
-q onto posteriors of that form:
-
-    q_bin(log t', m, E | x) = Q(k, m, E | x) t' ln 10,    Q(k, m, E | x) = integral of q(l, m, E | x) over bin k
-
-(Q by 16-point Gauss-Legendre in u_0, where the integrand stays smooth up to the 0.5 Myr bound; u_m and u_E
-depend on t' only through the bin, so they stay fixed; the age profile's bins are unions of 1 Myr bins).
-Sampling it is sampling q and re-drawing t' uniformly inside its bin. By the chain rule of the KL divergence,
-KL(p || q) = KL(P || Q) + E[KL(uniform || q within the bin)] >= KL(p || q_bin): the projection never moves q
-away from the true posterior. `age_bins=False` gives the flow.
-
-Support. The noise model allows no mass below the floor of preprocess.py, and for noisy clusters at some (t', E)
-(old or dusty models, high mass-to-light) that floor lies above the prior's top m = 8: no mass at all is allowed
-there, yet the flow leaks into such regions (runs/ridge3: 2 % of all samples, over 10 % in 9 of 200 test
-clusters, 85 % in the worst; the floor transform can only push them onto m = 8). For models with the floor (config floor_scale > 0) `sample` and
-`log_prob` therefore use q truncated to the support S(x) = {theta: m >= floor(t', E)}:
-
-    q_S(theta | x) = q(theta | x) 1[theta in S(x)] / Z(x),     Z(x) = P_q(theta in S(x))
-
-Sampling it is rejection (draws outside S are re-drawn); Z(x) is estimated from `n_support` draws per cluster
-with a fixed seed (so log_prob is deterministic). Since the true posterior is zero outside S,
-KL(p || q_S) = KL(p || q) + log Z(x) <= KL(p || q): the truncation never moves q away from it either. (This is
-the leakage correction of Greenberg et al. 2019, applied to a support that depends on x.)
-
-Directions: `to_latent` (u -> z, with log|det J|, for densities and training) and `to_params` (z -> u, for
-sampling). Public interface for the other scripts:
+A model is the flow plus its target transform: preprocess.BoundedTransform for the paper's method,
+refinements.RefinedTransform for the refined one. A transform has forward(theta, x) -> (u, log du/dtheta per
+coordinate) and inverse(u, x) -> theta (for training and sampling), age_u(log_age, x), and sample_batch and
+log_prob, which say how the model's posterior is drawn and evaluated through it: the paper's transform maps the
+flow's draws and density, the refined one adds the age-bin average and the support truncation.
 
     model = cinn.load("runs/quick")          # a run directory or a checkpoint file
     samples = model.sample(x, 1000, seed=0)  # (N, 1000, 3): log10 age/Myr, log10 mass/Msun, E(B-V)
@@ -55,37 +29,39 @@ sampling). Public interface for the other scripts:
 """
 import math
 import os
+import warnings
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from scipy.special import logsumexp
 from torch import nn
 
 import preprocess
 
-FORMAT_VERSION = 1
-DEFAULT_CONFIG = dict(
-    dim_theta=3,      # log10 age, log10 mass, E(B-V)
-    dim_x=11,         # 5 log10 fluxes, 5 relative errors, distance
-    n_blocks=8,       # coupling blocks
-    width=128,        # subnet hidden width
-    depth=2,          # subnet hidden layers
-    clamp=2.0,        # soft clamp of the log-scale s
-    cond_dim=32,      # output size of the condition network (0: feed standardised x directly)
-    cond_width=128,
-    cond_depth=2,
-    final_init=0.1,   # scale of the subnets' last layer at init (small: blocks start close to identity)
-    perm_seed=0,      # seed of the fixed permutations
-    floor_scale=0.0,  # > 0: log-mass transform with the noise model's mass floor at this scale in dex
-    ridge=False,      # log-mass transform centred on the mass the photometry implies (preprocess docstring)
-    ebv_ridge=False,  # E(B-V) transform centred on the reddening the colours imply at the age
-                      # (preprocess docstring; 0 = the plain transform of the paper; "cdf": through the
-                      # CDF of the truncated ridge Gaussian)
-    age_profile=False,  # beta > 0: age coordinate warped by the CDF of a cheap approximate age posterior
-                        # with its likelihood to the power beta (preprocess docstring; 0 = off)
-    band_moments=False,  # the ridges weigh the bands by the moments of their exact likelihood
-                         # (preprocess.band_shape) instead of the log-normal's (False: as before)
-)
+FORMAT_VERSION = 2      # checkpoints of version 1 (before the refinements had their own module) are not read
+METHODS = ("paper", "refined")
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """The network's shape (the refinements' settings are refinements.Settings)."""
+    n_blocks: int = 8       # coupling blocks (Eqs. 5-7)
+    width: int = 128        # hidden units of each subnet
+    depth: int = 2          # hidden layers of each subnet
+    clamp: float = 2.0      # soft clamp of the log-scale s
+    cond_dim: int = 32      # features of the condition network (0: the standardised x itself)
+    cond_width: int = 128
+    cond_depth: int = 2
+    final_init: float = 0.1     # scale of each subnet's last layer at init: blocks start near the identity
+    perm_seed: int = 0          # seed of the fixed permutations
+
+    @classmethod
+    def from_dict(cls, d):
+        """FlowConfig from a checkpoint's or a config file's dict; unknown keys are an error."""
+        unknown = set(d) - set(asdict(cls()))
+        if unknown:
+            raise ValueError(f"unknown flow config keys {sorted(unknown)}")
+        return cls(**d)
 
 
 def mlp(n_in, n_out, width, depth):
@@ -135,31 +111,40 @@ class CouplingBlock(nn.Module):
         return torch.cat([u1, u2], dim=1)
 
 
-class CINN(nn.Module):
-    """Stack of coupling blocks and permutations, a condition network, and the x standardisation."""
+def flatten_rows(theta, x):
+    """theta (N, 3) with x (N, 11), or theta (N, K, 3) with x (N, 11) -> rows theta (M, 3), x (M, 11), and the
+    shape (N,) or (N, K) that per-row results take."""
+    theta = np.asarray(theta, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    shape = theta.shape[:-1]
+    if theta.ndim == 3:
+        x = np.repeat(x, theta.shape[1], axis=0)
+    theta = theta.reshape(-1, 3)
+    if len(theta) != len(x):
+        raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
+    return theta, x, shape
 
-    def __init__(self, config=None, x_mean=None, x_std=None, seed=0):
+
+class CINN(nn.Module):
+    """Coupling blocks and permutations, a condition network, the x standardisation, and a target transform
+    (default: the paper's, preprocess.BoundedTransform)."""
+
+    def __init__(self, config=FlowConfig(), x_mean=None, x_std=None, seed=0, transform=None):
         super().__init__()
-        cfg = dict(DEFAULT_CONFIG)
-        cfg.update(config or {})
-        unknown = set(cfg) - set(DEFAULT_CONFIG)
-        if unknown:
-            raise ValueError(f"unknown cINN config keys: {sorted(unknown)}")
-        self.config = cfg
-        D, dx = cfg["dim_theta"], cfg["dim_x"]
+        self.config = config
+        self.transform = transform or preprocess.BoundedTransform()
+        D, dx = 3, preprocess.DIM_X
         self.register_buffer("x_mean", torch.zeros(dx) if x_mean is None else torch.as_tensor(x_mean).float())
         self.register_buffer("x_std", torch.ones(dx) if x_std is None else torch.as_tensor(x_std).float())
-        self.register_buffer("theta_bounds", torch.as_tensor(preprocess.THETA_BOUNDS).float())
-        if cfg["cond_dim"] > 0:
-            self.cond_net = mlp(dx, cfg["cond_dim"], cfg["cond_width"], cfg["cond_depth"])
-            dim_c = cfg["cond_dim"]
+        if config.cond_dim > 0:
+            self.cond_net = mlp(dx, config.cond_dim, config.cond_width, config.cond_depth)
         else:
             self.cond_net = nn.Identity()
-            dim_c = dx
-        self.blocks = nn.ModuleList(CouplingBlock(D, dim_c, cfg["width"], cfg["depth"], cfg["clamp"])
-                                    for _ in range(cfg["n_blocks"]))
-        perm_rng = np.random.default_rng(cfg["perm_seed"])    # its own generator, never global state
-        for k in range(cfg["n_blocks"]):
+        dim_c = config.cond_dim or dx
+        self.blocks = nn.ModuleList(CouplingBlock(D, dim_c, config.width, config.depth, config.clamp)
+                                    for _ in range(config.n_blocks))
+        perm_rng = np.random.default_rng(config.perm_seed)    # its own generator, never global state
+        for k in range(config.n_blocks):
             perm = torch.as_tensor(perm_rng.permutation(D))
             self.register_buffer(f"perm{k}", perm)
             self.register_buffer(f"inv_perm{k}", torch.argsort(perm))
@@ -168,7 +153,7 @@ class CINN(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed):
         """PyTorch's default Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from a seeded generator;
-        the last layer of every coupling subnet scaled by config['final_init']."""
+        the last layer of every coupling subnet scaled by config.final_init."""
         gen = torch.Generator().manual_seed(int(seed))
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -177,15 +162,19 @@ class CINN(nn.Module):
                     p.copy_(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 * bound - bound)
         for block in self.blocks:
             for net in (block.net1, block.net2):
-                net[-1].weight.mul_(self.config["final_init"])
-                net[-1].bias.mul_(self.config["final_init"])
+                net[-1].weight.mul_(self.config.final_init)
+                net[-1].bias.mul_(self.config.final_init)
 
     @property
     def device(self):
         return self.x_mean.device
 
+    @property
+    def method(self):
+        return self.transform.method
+
     def condition(self, x):
-        """Raw network inputs x (N, 11) -> condition features c."""
+        """Network inputs x (N, 11) as a tensor -> condition features c."""
         return self.cond_net((x - self.x_mean) / self.x_std)
 
     def to_latent(self, u, x=None, c=None):
@@ -207,171 +196,92 @@ class CINN(nn.Module):
         return z
 
     def log_prob_u(self, u, x):
-        """log p(u | x) = log N(z; 0, I) + log|det dz/du|."""
+        """log p(u | x) = log N(z; 0, I) + log|det dz/du| (Eq. 4 without the mean)."""
         z, logdet = self.to_latent(u, x)
         return -0.5 * (z ** 2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logdet
 
-    def u_to_theta(self, u):
-        """theta = a + (b - a) Phi(u), in torch (same as preprocess.u_to_theta)."""
-        a, b = self.theta_bounds[:, 0].to(u.dtype), self.theta_bounds[:, 1].to(u.dtype)
-        return a + (b - a) * torch.special.ndtr(u)
-
     def _x_tensor(self, x):
         x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[1] != self.config["dim_x"]:
-            raise ValueError(f"x must have shape (N, {self.config['dim_x']}), got {x.shape}")
+        if x.ndim != 2 or x.shape[1] != preprocess.DIM_X:
+            raise ValueError(f"x must have shape (N, {preprocess.DIM_X}), got {x.shape}")
         bad = np.flatnonzero(~np.all(np.isfinite(x), axis=1))
         if bad.size:
             raise ValueError(f"x has non-finite values in rows {bad[:10].tolist()} ({bad.size} rows)")
         return torch.as_tensor(x, dtype=self.x_mean.dtype, device=self.device)
 
-    @torch.no_grad()
-    def sample(self, x, n, seed=None, batch_rows=1 << 17, age_bins=True, support=True, max_rounds=8,
-               min_inside=0.01):
-        """n posterior samples per row of x -> numpy (N, n, 3) in physical units.
+    # -------------------------------------------------------------------------------------------------------
+    # Sampling and densities in physical coordinates.
 
-        Work is done in batches of about `batch_rows` samples; the condition network runs once per cluster.
-        The same seed, device, n and batch_rows give identical samples. age_bins: re-draw each age label
-        uniformly inside its 1 Myr bin (samples of q_bin, module docstring); False: the flow's own samples.
-        support (models with the floor): draws outside the noise model's support are re-drawn (q_S, module
-        docstring), in up to max_rounds rounds of 1, 2, 4, ... 16 candidates per missing draw; clusters with
-        less than min_inside of their first draws inside (q has almost nothing there: the flow is no use for
-        them) and draws still outside after the last round stay where the floor transform put them (on the
-        mass bound), with a warning.
+    @torch.no_grad()
+    def sample(self, x, n, seed=None, batch_rows=1 << 17, transform=None):
+        """n posterior samples per row of x, drawn through the model's transform (transform.sample_batch).
+
+        Args:
+            x: network inputs (N, 11).
+            n: samples per cluster.
+            seed: the same seed, device, n and batch_rows give identical samples (None: fresh entropy).
+            batch_rows: samples per batch (bounds memory); the condition network runs once per cluster.
+            transform: draw through this transform instead of the model's (the refined one estimates its
+                support's probability from the flow's own draws).
+        Returns:
+            numpy (N, n, 3) in physical units (log10 t'/Myr, log10 m0/Msun, E(B-V)), float32 for a float32 model.
         """
         was_training = self.training
         self.eval()
         xt = self._x_tensor(x)
-        N, D = xt.shape[0], self.config["dim_theta"]
+        x = np.asarray(x, dtype=np.float64)
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2 ** 63))
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        age_rng = np.random.default_rng([int(seed), 1])       # the bin re-draws: their own generator
-        out = np.empty((N, n, D), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
-        mt = preprocess.target_transform(self.config)
-        per = max(1, batch_rows // max(n, 1))          # clusters per batch
-        left = []                                      # draws left outside the support, as cluster indices
-        for i in range(0, N, per):
+        rng = np.random.default_rng([int(seed), 1])       # NumPy draws of a transform: their own generator
+        out = np.empty((len(x), n, 3), dtype=np.float32 if xt.dtype == torch.float32 else np.float64)
+        per, left = max(1, batch_rows // max(n, 1)), 0    # clusters per batch; draws left outside the support
+        transform = transform or self.transform
+        for i in range(0, len(x), per):
             c = self.condition(xt[i:i + per])
-            m = c.shape[0]
-            z = torch.randn(m * n, D, generator=gen, device=self.device, dtype=xt.dtype)
-            if n > batch_rows:                           # very many samples of one cluster: split further
-                u = torch.cat([self.to_params(zz, c=c.expand(zz.shape[0], -1))
-                               for zz in z.split(batch_rows)])
-            else:
-                u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
-            xr = (np.repeat(np.asarray(x, dtype=np.float64)[i:i + m], n, axis=0)
-                  if preprocess.depends_on_x(x, **mt) else None)
-            theta = self._to_physical(u, xr, mt, age_bins, age_rng)
-            if support and mt["scale"] > 0:
-                left.append(i + self._redraw_outside_support(theta, xr, c, n, gen, age_rng, age_bins, mt,
-                                                             max_rounds, min_inside))
-            out[i:i + m] = theta.reshape(m, n, D)
+            theta, n_left = transform.sample_batch(self, x[i:i + per], c, n, gen, rng)
+            out[i:i + len(c)], left = theta.reshape(len(c), n, 3), left + n_left
         self.train(was_training)
-        left = np.concatenate(left) if left else np.zeros(0, dtype=int)
-        if left.size:
-            import warnings
-            warnings.warn(f"cinn.sample: {left.size} of {N * n} draws left outside the noise model's support, on the "
-                          f"mass bound (clusters {np.unique(left)[:10].tolist()}: under {min_inside:.0%} of their "
-                          f"draws inside, or not replaced in {max_rounds} rounds)")
+        if left:
+            warnings.warn(f"cinn.sample: {left} of {len(x) * n} draws left outside the noise model's support, on "
+                          "the mass bound (clusters with under refinements.Settings.support_min_inside of their "
+                          "draws inside, or not replaced in support_rounds rounds)")
         return out
 
-    def _to_physical(self, u, xr, mt, age_bins, age_rng):
-        """Flow outputs u -> physical theta (numpy float64): the target transform (NumPy where it depends on x,
-        xr the rows of x; torch otherwise), then each age label re-drawn inside its 1 Myr bin (age_bins)."""
-        if xr is not None:
-            theta = preprocess.u_to_theta(u.double().cpu().numpy(), xr, **mt)
+    def draw_u(self, c, n, gen, rows=None, batch_rows=1 << 17):
+        """n flow draws u per row of the condition features c (or one per entry of the index array `rows`
+        into c) -> numpy float64 (len(c) n, 3), cluster by cluster."""
+        if rows is not None:
+            c, n = c[torch.as_tensor(rows, device=c.device)], 1
+        z = torch.randn(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
+        if n > batch_rows:                           # very many samples of one cluster: split further
+            u = torch.cat([self.to_params(zz, c=c.expand(zz.shape[0], -1)) for zz in z.split(batch_rows)])
         else:
-            theta = self.u_to_theta(u).double().cpu().numpy()
-        if age_bins:
-            theta[:, 0] = preprocess.rejitter_age(theta[:, 0], age_rng)
-        return theta
+            u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
+        return u.double().cpu().numpy()
 
-    def _redraw_outside_support(self, theta, xr, c, n, gen, age_rng, age_bins, mt, max_rounds, min_inside):
-        """In place: replace the draws of theta (rows of xr; row j belongs to cluster j // n of condition c)
-        that lie outside the support (preprocess.below_floor) by the first candidate inside it, drawing 1, 2, 4,
-        ... 16 candidates per missing draw and round (clusters with under min_inside of their draws inside are
-        left as they are). Deterministic given the generators' states. Returns the batch's cluster index of
-        each draw left outside."""
-        outside = preprocess.below_floor(theta, xr)
-        hopeless = np.repeat(np.mean(~outside.reshape(-1, n), axis=1) < min_inside, n)
-        todo = np.flatnonzero(outside & ~hopeless)
-        for r in range(max_rounds):
-            if todo.size == 0:
-                break
-            k = min(2 ** r, 16)
-            rows = np.repeat(todo, k)
-            z = torch.randn(len(rows), theta.shape[1], generator=gen, device=self.device, dtype=c.dtype)
-            u = self.to_params(z, c=c[torch.as_tensor(rows // n, device=self.device)])
-            cand = self._to_physical(u, xr[rows], mt, age_bins, age_rng)
-            ok = ~preprocess.below_floor(cand, xr[rows]).reshape(len(todo), k)
-            hit = ok.any(axis=1)
-            first = np.argmax(ok, axis=1)
-            theta[todo[hit]] = cand.reshape(len(todo), k, -1)[hit, first[hit]]
-            todo = todo[~hit]
-        return np.sort(np.concatenate([todo, np.flatnonzero(outside & hopeless)])) // n
+    def log_prob(self, theta, x, batch_rows=1 << 17):
+        """log q(theta | x) in physical coordinates, as the model samples it (transform.log_prob).
 
-    def log_support(self, x, n_support=1024, seed=0):
-        """log Z(x) (N,): log of the share of the flow's draws inside the noise model's support (module
-        docstring), from n_support draws per distinct row of x with a fixed seed; 0 for models without the
-        floor. Standard error ~ sqrt((1 - Z) / (n_support Z)) nats."""
-        x = np.asarray(x, dtype=np.float64)
-        if preprocess.target_transform(self.config)["scale"] <= 0:
-            return np.zeros(len(x))
-        uniq, inverse = np.unique(x, axis=0, return_inverse=True)
-        draws = self.sample(uniq, n_support, seed=seed, age_bins=False, support=False)
-        inside = ~preprocess.below_floor(draws, uniq[:, None, :])
-        share = np.maximum(np.sum(inside, axis=1), 0.5) / n_support    # none inside: "below 1 in n_support"
-        return np.log(share)[np.ravel(inverse)]
-
-    def log_prob(self, theta, x, batch_rows=1 << 17, age_bins=True, n_nodes=16, support=True, n_support=1024):
-        """log p(theta | x) in physical coordinates (N,) (or (N, K) for theta (N, K, 3) and x (N, 11)).
-
-        Includes the bounded transform's Jacobian: log p(theta|x) = log p(u|x) + sum log|du/dtheta|.
-        Points outside THETA_BOUNDS (or, with config floor_scale > 0, outside the noise model's support) get
-        -inf. age_bins: the density of q_bin (module docstring), the flow integrated over the age bin with n_nodes
-        Gauss-Legendre nodes in u (n_nodes times the cost; in u the integrand is smooth up to the bound, in
-        log t' it is not); False: the flow's own density. support (models with the floor): the density of q_S,
-        the flow truncated to the support, i.e. minus log_support(x, n_support) (module docstring; the same
-        distribution `sample` draws from); False: not renormalised.
+        Args:
+            theta: (N, 3), or (N, K, 3) for K points per cluster.
+            x: network inputs (N, 11).
+        Returns:
+            (N,) or (N, K); -inf outside preprocess.THETA_BOUNDS and where the posterior is zero.
         """
-        theta = np.asarray(theta, dtype=np.float64)
-        x = np.asarray(x, dtype=np.float64)
-        shape = theta.shape[:-1]
-        if theta.ndim == 3:
-            x = np.repeat(x, theta.shape[1], axis=0)
-        theta = theta.reshape(-1, self.config["dim_theta"])
-        if len(theta) != len(x):
-            raise ValueError(f"theta has {len(theta)} rows but x has {len(x)}")
-        mt = preprocess.target_transform(self.config)
-        bounds = preprocess.THETA_BOUNDS
-        inside = np.all((theta >= bounds[:, 0]) & (theta <= bounds[:, 1]), axis=1)
-        if mt["scale"] > 0:
-            inside &= ~preprocess.below_floor(theta, x)
-        u = preprocess.theta_to_u(theta, x, **mt)
-        log_du = preprocess.log_du_dtheta(theta, x, **mt)
-        if age_bins:   # log Q(k, m, E) + log(t' ln 10): integral over the bin's u_0 range, then uniform in t'
-            edges = np.zeros((len(u), 2, 3))
-            edges[..., 0] = np.column_stack(preprocess.age_bin_edges(theta[:, 0]))
-            u_edges = (preprocess._age_u_du(edges[..., 0], x[:, None, :], mt["age_profile"])[0] if mt["age_profile"]
-                       else preprocess.theta_to_u(edges)[..., 0])                        # (N, 2)
-            nodes, weights = np.polynomial.legendre.leggauss(n_nodes)
-            half = 0.5 * (u_edges[:, 1] - u_edges[:, 0])[:, None]
-            u_nodes = np.repeat(u[:, None, :], n_nodes, axis=1)
-            u_nodes[..., 0] = 0.5 * (u_edges[:, 1] + u_edges[:, 0])[:, None] + half * nodes
-            log_pu = self._log_prob_u_numpy(u_nodes.reshape(-1, 3), np.repeat(x, n_nodes, axis=0), batch_rows)
-            with np.errstate(divide="ignore"):
-                log_bin = logsumexp(log_pu.reshape(-1, n_nodes) + np.log(half * weights), axis=1)
-                logp = log_bin + log_du[:, 1] + log_du[:, 2] + np.log(10.0 ** theta[:, 0] * np.log(10.0))
-        else:
-            logp = self._log_prob_u_numpy(u, x, batch_rows) + log_du.sum(axis=1)
-        logp[~inside] = -np.inf
-        if support and mt["scale"] > 0:
-            logp = logp - self.log_support(x, n_support)
-        return logp.reshape(shape)
+        theta, x, shape = flatten_rows(theta, x)
+        return self.transform.log_prob(self, theta, x, batch_rows).reshape(shape)
+
+    def flow_log_prob(self, theta, x, batch_rows=1 << 17):
+        """The flow's own density in physical coordinates, log p(u | x) + sum_i log du_i/dtheta_i, for rows
+        theta (M, 3), x (M, 11) (the paper's log_prob; for a refined model without its corrections)."""
+        u, log_du = self.transform.forward(theta, x)
+        logp = self.log_prob_rows(u, x, batch_rows) + log_du.sum(axis=1)
+        logp[~preprocess.inside_prior(theta)] = -np.inf
+        return logp
 
     @torch.no_grad()
-    def _log_prob_u_numpy(self, u, x, batch_rows):
+    def log_prob_rows(self, u, x, batch_rows=1 << 17):
         """log p(u | x) for numpy u (N, 3), x (N, 11), in batches of batch_rows -> numpy float64 (N,)."""
         was_training = self.training
         self.eval()
@@ -383,46 +293,73 @@ class CINN(nn.Module):
         return np.concatenate(out) if out else np.zeros(0)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Building, saving and loading models.
+
+def build(method="refined", config=FlowConfig(), settings=None, x_mean=None, x_std=None, seed=0):
+    """A new model of the given method: the paper's transform ("paper") or refinements.RefinedTransform
+    ("refined", with `settings`: a refinements.Settings, its dict, or None for the defaults). refinements.py is
+    imported here, only for a refined model, so that a paper-method model never loads it (nor the exact
+    posterior it uses); it does not import this module."""
+    if method == "paper":
+        if settings:
+            raise ValueError("refinement settings given for a paper-method model")
+        return CINN(config, x_mean, x_std, seed)
+    if method == "refined":
+        import refinements
+        if not isinstance(settings, refinements.Settings):
+            settings = refinements.Settings.from_dict(settings or {})
+        return CINN(config, x_mean, x_std, seed, transform=refinements.RefinedTransform(settings))
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 def save(path, model, extra=None):
-    """Write one self-contained checkpoint atomically (temp file + os.replace)."""
-    ckpt = dict(format_version=FORMAT_VERSION, config=dict(model.config),
-                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                x_mean=model.x_mean.detach().cpu().double(), x_std=model.x_std.detach().cpu().double(),
-                theta_bounds=model.theta_bounds.detach().cpu().double(),
-                theta_names=list(preprocess.THETA_NAMES), age_profile=preprocess.age_profile_settings(),
-                extra=extra or {})
+    """Write one self-contained checkpoint atomically (temp file + os.replace): the method, the flow config,
+    the refinement settings (refined models), the weights (x standardisation included) and `extra`."""
+    settings = asdict(model.transform.settings) if model.method == "refined" else None
+    ckpt = dict(format_version=FORMAT_VERSION, method=model.method, config=asdict(model.config),
+                refinements=settings, theta_names=list(preprocess.THETA_NAMES),
+                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, extra=extra or {})
     tmp = f"{path}.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
 def default_device():
+    """cuda if available, else cpu."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load(path, device=None):
-    """Load a model from a checkpoint file or a run directory (which holds model.pt); ready for sample/log_prob."""
+    """A trained model from a checkpoint file or a run directory (holding model.pt), ready to sample.
+
+    Args:
+        path: model.pt or its run directory.
+        device: torch device (default: cuda if available).
+    Returns:
+        a CINN in eval mode, with `extra` (what train.py stored: epoch, val_nll, ...).
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "model.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no cINN checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:                        # empty, truncated or not a torch file at all
+        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}); retrain, or use the "
+                         "model.pt of another run") from None
     if not isinstance(ckpt, dict) or "format_version" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a cINN checkpoint (missing format_version/state_dict)")
     if ckpt["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION}")
-    model = CINN(ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    bounds = np.asarray(ckpt["theta_bounds"])
-    if not np.allclose(bounds, preprocess.THETA_BOUNDS, rtol=0, atol=1e-6):
-        raise ValueError(f"{path}: theta bounds {bounds.tolist()} differ from preprocess.THETA_BOUNDS")
-    settings = ckpt.get("age_profile")          # checkpoints written before this check have none
-    if settings is not None and "shape" not in settings:     # written before band_shape: the log-normal shape
-        settings = dict(settings, shape="lognormal")
-    if model.config["age_profile"] and settings is not None and settings != preprocess.age_profile_settings():
-        raise ValueError(f"{path}: its age profile was built with {settings}, but preprocess.py now has "
-                         f"{preprocess.age_profile_settings()}; restore the AGE_PROFILE_* constants to read it")
+        raise ValueError(f"{path}: checkpoint format {ckpt['format_version']}, this code reads {FORMAT_VERSION} "
+                         "(models trained before the refinements had their own module are not read: retrain)")
+    try:
+        model = build(ckpt["method"], FlowConfig.from_dict(ckpt["config"]), ckpt["refinements"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:      # config and weights do not match
+        raise ValueError(f"{path}: its configuration does not match its weights or this code "
+                         f"({str(err).splitlines()[0]})") from None
     model.extra = ckpt.get("extra", {})
     model.eval()
     return model.to(default_device() if device is None else torch.device(device))

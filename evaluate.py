@@ -1,48 +1,53 @@
-"""Diagnostics and figures for cINN posteriors of star clusters (Walter et al. 2026, Sect. 3).
+"""Diagnostics of cINN posteriors of star clusters (Walter et al. 2026, Sect. 3), and the catalogue run.
 
-What is here (DESIGN.md Sect. 5):
-  * simulation-based calibration, SBC (Talts et al. 2018): six statistics T1..T6, ranks, rank histograms,
-    ECDF - uniform CDF with a binomial band (paper Fig. 3)
-  * posterior predictive checks, PPC: posterior samples re-simulated through simulate.model_flux and the
-    log-normal noise model of DESIGN Sect. 3 (paper Fig. 4)
-  * modes by mean-shift (Fukunaga & Hostetler 1975) in NumPy; MAP = densest mode; 16/50/84 % quantiles
-  * re-simulation chi^2 (Eq. 11), inlier fractions (Table 1), MAP/closest mode vs MLE (Fig. 6),
-    deviation vs posterior width (Fig. B.3), example posteriors beside the exact grid posterior (Fig. 5)
-  * accuracy against the exact grid posterior (mean log p_exact - log q_cINN at the true theta)
-  * throughput (posterior samples/s, clusters/s)
+The library (numbers in, numbers out; SPEC.md Sect. 5):
+  * simulation-based calibration (Talts et al. 2018): six statistics T1..T6, ranks, the ECDF - uniform CDF and
+    its simultaneous and pointwise bands (Fig. 3)                             sbc_ranks, sbc_check
+  * posterior predictive checks: samples re-simulated through the forward model and the log-normal noise
+    model at the observed sigma (Fig. 4)                                       ppc
+  * modes by mean-shift (Fukunaga & Hostetler 1975); MAP = the densest mode; 16/50/84 % quantiles
+                                                                               mean_shift, summarize
+  * re-simulation chi^2 (Eq. 11), Table 1 inliers, MAP / closest mode vs the MLE (Figs. 6, 8, B.3)
+                                                                               resim_chi2, compare_with_mle
+  * against the exact grid posterior: mean log p_exact - log q_cINN at the true theta, an estimate of the
+    expected KL divergence, split by where the truth lies; width ratios; MAPs  exact_reference, exact_summary
+  * a catalogue through a trained model: summaries with the current stellar mass, chi^2, the grid MLE and
+    Table 1 against it and against the catalogue's own estimates             catalog_results
+The command line below it prints, plots (plots.py) and writes; `python evaluate.py --help` lists the
+subcommands sbc, ppc, modes, compare, exact and catalog (speed: benchmarks/bench_evaluate.py).
 
-Conventions: theta = (log10 age/Myr, log10 m0/Msun, E(B-V)) in physical units, arrays (N, S, 3) for samples.
-`modes[n, k, p]` is parameter p of the k-th densest mode of cluster n (NaN-padded to 3 modes);
-`quantiles[n, q, p]` is the q-th of the 16/50/84 % marginal quantiles of parameter p.
-
-Pure-NumPy functions come first (importable without torch); the CLI at the bottom wires them to
-simulate.py, preprocess.py, cinn.py and grid_posterior.py, which are imported lazily.
-Run `python evaluate.py --help` for the subcommands.
+Conventions: theta = (log10 age/Myr, log10 m0/Msun, E(B-V)), samples (N, S, 3); modes[n, k, p] is parameter p
+of the k-th densest mode of cluster n (NaN-padded to 3 modes); quantiles[n, q, p] the q-th of the 16/50/84 %
+marginal quantiles of parameter p.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from astropy.table import Table, vstack
+from scipy.stats import binom
+
+import catalogs
+import checks
+import cinn
+import grid_posterior
+import plots
+import preprocess
+import refinements
+from simulate import BANDS, EBV_RANGE, Progress, age_bin, load_npz, model_flux, save_npz
 
 STAT_NAMES = ("T1 log t", "T2 log m", "T3 E(B-V)", "T4 log t * log m", "T5 log m * E(B-V)",
               "T6 log t * E(B-V)")
-PARAM_NAMES = ("log10_age_myr", "log10_mass", "ebv")
-PARAM_LABELS = (r"$\log_{10}(t/\mathrm{Myr})$", r"$\log_{10}(m_0/M_\odot)$", r"$E(B-V)$ [mag]")
-BAND_NAMES = ("F275W", "F336W", "F438W", "F555W", "F814W")
 QUANTILE_LEVELS = (0.16, 0.50, 0.84)
 
 
-def log(msg):
-    """Progress line on stderr (keeps stdout for the summaries)."""
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# SBC (Talts et al. 2018), paper Sect. 3 / Fig. 3
-# ----------------------------------------------------------------------------------------------------------
+# SBC (Talts et al. 2018), Fig. 3
 
 def sbc_statistics(theta):
     """Six SBC test statistics of theta (..., 3) -> (..., 6).
@@ -105,7 +110,6 @@ def ecdf_band(n_pairs, L, alpha=0.02, simultaneous=True, n_sim=5000, seed=0):
     An ECDF outside this band rejects uniformity at level alpha for that statistic; with 6 statistics,
     expect about 6 * alpha = 12 % of calibrated runs to show one statistic outside by chance.
     """
-    from scipy.stats import binom
     z = np.arange(1, L + 1) / (L + 1)
     gamma = alpha
     if simultaneous:
@@ -132,13 +136,19 @@ def rank_histogram_band(n_pairs, L, n_bins):
     return edges - 0.5, n_pairs * p, np.sqrt(n_pairs * p * (1 - p))
 
 
-def sbc_summary(ranks, L, alpha=0.02):
-    """Per-statistic numbers: max |ECDF - uniform|, inside the simultaneous band, inside the pointwise band."""
+def sbc_summary(ranks, L, alpha=0.02, bands=None):
+    """Per statistic: max |ECDF - uniform|, inside the simultaneous band, inside the pointwise band.
+
+    Args:
+        ranks: (N, 6) SBC ranks in 0..L.
+        bands: (simultaneous (lo, hi), pointwise (lo, hi)) if already computed (ecdf_band).
+    Returns:
+        dict n_pairs, L, alpha, statistics (a dict per statistic), all_inside_simultaneous.
+    """
     ranks = np.asarray(ranks)
     n = ranks.shape[0]
-    z, diff = ecdf_difference(ranks, L)
-    _, slo, shi = ecdf_band(n, L, alpha, simultaneous=True)
-    _, plo, phi = ecdf_band(n, L, alpha, simultaneous=False)
+    _, diff = ecdf_difference(ranks, L)
+    (slo, shi), (plo, phi) = bands or (ecdf_band(n, L, alpha)[1:], ecdf_band(n, L, alpha, simultaneous=False)[1:])
     out = {"n_pairs": int(n), "L": int(L), "alpha": alpha, "statistics": []}
     for k in range(diff.shape[0]):
         out["statistics"].append({
@@ -152,52 +162,27 @@ def sbc_summary(ranks, L, alpha=0.02):
     return out
 
 
-def plot_sbc(ranks, L, path, alpha=0.02, n_bins=None, title=""):
-    """Paper Fig. 3: rank histograms (+-1 sigma band of a uniform histogram, grey) on top, ECDF - uniform CDF
-    with the simultaneous (shaded) and pointwise (dotted) binomial bands below."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    ranks = np.asarray(ranks)
-    n, K = ranks.shape
-    n_bins = n_bins or _default_bins(L, n)
+def sbc_check(samples, truth, alpha=0.02, rng=None):
+    """SBC of posterior samples (N, L, 3) against the true theta (N, 3): everything Fig. 3 shows, as numbers.
+
+    Returns:
+        dict ranks (N, 6), L, alpha, names, z (L,), ecdf_diff (6, L), band_simultaneous and band_pointwise
+        (2, L) each, hist_edges / hist_mean / hist_sigma (the rank histogram's uniform band), summary
+        (sbc_summary).
+    """
+    L = np.asarray(samples).shape[1]
+    ranks = sbc_ranks(samples, truth, rng)
     z, diff = ecdf_difference(ranks, L)
-    _, slo, shi = ecdf_band(n, L, alpha, simultaneous=True)
-    _, plo, phi = ecdf_band(n, L, alpha, simultaneous=False)
-    edges, mean, sig = rank_histogram_band(n, L, n_bins)
-    fig, axes = plt.subplots(2, K, figsize=(2.6 * K, 5.2), sharex="row")
-    w = np.diff(edges)                        # rank values per bin: plot clusters per rank value
-    for k in range(K):
-        ax = axes[0, k]
-        ax.stairs(np.histogram(ranks[:, k], bins=edges)[0] / w, edges, fill=True, color="C0", alpha=0.8)
-        ax.stairs((mean + sig) / w, edges, baseline=(mean - sig) / w, fill=True, color="0.6", alpha=0.5, lw=0)
-        ax.stairs(mean / w, edges, color="k", lw=0.8)
-        ax.set_title(STAT_NAMES[k] if K == 6 else f"stat {k}", fontsize=9)
-        ax.set_xlabel(f"rank (0..{L})")
-        ax = axes[1, k]
-        ax.fill_between(z, slo, shi, color="C1", alpha=0.25, lw=0, label=f"simultaneous {1-alpha:.0%}")
-        ax.plot(z, plo, "k:", lw=0.8, label=f"pointwise {alpha/2:.2f}-{1-alpha/2:.2f}")
-        ax.plot(z, phi, "k:", lw=0.8)
-        ax.plot(z, diff[k], color="C0", lw=1.2)
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xlabel("fractional rank")
-    axes[0, 0].set_ylabel("test clusters per rank value")
-    axes[1, 0].set_ylabel("ECDF - uniform CDF")
-    axes[1, 0].legend(fontsize=7, loc="lower left")
-    fig.suptitle(title or f"SBC, {n} test clusters, L = {L}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _default_bins(L, n):
-    """Number of rank-histogram bins: one per rank value when that gives >= 20 clusters per bin, else fewer."""
-    return int(max(5, min(L + 1, n // 20)))
+    band_s = np.array(ecdf_band(len(ranks), L, alpha)[1:])
+    band_p = np.array(ecdf_band(len(ranks), L, alpha, simultaneous=False)[1:])
+    edges, mean, sigma = rank_histogram_band(len(ranks), L, int(max(5, min(L + 1, len(ranks) // 20))))
+    return dict(ranks=ranks, L=L, alpha=alpha, names=STAT_NAMES, z=z, ecdf_diff=diff, band_simultaneous=band_s,
+                band_pointwise=band_p, hist_edges=edges, hist_mean=mean, hist_sigma=sigma,
+                summary=sbc_summary(ranks, L, alpha, (band_s, band_p)))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Modes: mean-shift (Fukunaga & Hostetler 1975) and quantiles
-# ----------------------------------------------------------------------------------------------------------
 
 def silverman_bandwidth(n, d=3):
     """Silverman's rule for a Gaussian kernel in standardised coordinates: (4/(d+2))^(1/(d+4)) n^(-1/(d+4)).
@@ -246,16 +231,7 @@ def mean_shift(samples, bandwidth=None, max_modes=3, kernel="gaussian", max_seed
     if kernel not in ("gaussian", "flat"):
         raise ValueError(f"kernel must be 'gaussian' or 'flat'; got {kernel!r}")
 
-    # binned seeding: centroids of the most populated cells of size h
-    cells = np.floor(zs / h).astype(np.int64)
-    cells -= cells.min(axis=0)
-    key = np.ravel_multi_index(cells.T, cells.max(axis=0) + 1)      # one integer per cell (fast unique)
-    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-    sums = np.zeros((len(counts), d))
-    np.add.at(sums, inverse, zs)
-    order = np.argsort(-counts, kind="stable")[:max_seeds]
-    seeds = sums[order] / counts[order, None]
-
+    seeds = _binned_seeds(zs, h, max_seeds)
     # two phases: converge on a strided subsample (iid samples, so any stride is a fair subsample), merge
     # seeds that met, then polish on all samples; the slow linear convergence of Gaussian mean-shift is
     # thus paid mostly on the small set.
@@ -269,6 +245,18 @@ def mean_shift(samples, bandwidth=None, max_modes=3, kernel="gaussian", max_seed
     if return_density:
         return modes, dens[keep]
     return modes
+
+
+def _binned_seeds(zs, h, max_seeds):
+    """Centroids of the max_seeds most populated cells of size h of the points zs (S, d): the seeds."""
+    cells = np.floor(zs / h).astype(np.int64)
+    cells -= cells.min(axis=0)
+    key = np.ravel_multi_index(cells.T, cells.max(axis=0) + 1)      # one integer per cell (fast unique)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    sums = np.zeros((len(counts), zs.shape[1]))
+    np.add.at(sums, inverse, zs)
+    order = np.argsort(-counts, kind="stable")[:max_seeds]
+    return sums[order] / counts[order, None]
 
 
 def _kernel_weights(c, pts, h, kernel, pts2=None):
@@ -333,12 +321,15 @@ def _merge(c, dens, h, max_keep):
     return np.array(keep, dtype=int)
 
 
-def summarize(samples, bandwidth=None, max_modes=3, kernel="gaussian", progress=True):
-    """Per-cluster posterior summary of samples (N, S, 3).
+def summarize(samples, bandwidth=None, max_modes=3, kernel="gaussian", progress=None):
+    """Per-cluster summary of posterior samples (N, S, 3).
 
-    Returns dict(modes (N, max_modes, 3) NaN-padded, densest first (modes[:, 0] = MAP),
-    mode_density (N, max_modes) relative kernel density (NaN-padded), n_modes (N,),
-    quantiles (N, 3, 3): quantiles[n, q, p] = (16, 50, 84) % quantile q of parameter p).
+    Args:
+        bandwidth, max_modes, kernel: as mean_shift.
+        progress: called with the number of clusters done (e.g. simulate.Progress(N, ...).update).
+    Returns:
+        dict modes (N, max_modes, 3) NaN-padded, densest first (modes[:, 0] = MAP), mode_density
+        (N, max_modes) relative kernel density, n_modes (N,), quantiles (N, 3, 3) as [q, param].
     """
     samples = np.asarray(samples)
     if samples.ndim != 3:
@@ -346,16 +337,26 @@ def summarize(samples, bandwidth=None, max_modes=3, kernel="gaussian", progress=
     N, _, d = samples.shape
     modes = np.full((N, max_modes, d), np.nan)
     dens = np.full((N, max_modes), np.nan)
-    t0 = time.time()
     for i in range(N):
         m, w = mean_shift(samples[i], bandwidth, max_modes, kernel, return_density=True)
-        modes[i, :len(m)] = m
-        dens[i, :len(m)] = w / w[0]
-        if progress and (i + 1) % 500 == 0:
-            log(f"  modes: {i + 1}/{N} clusters, {time.time() - t0:.1f} s")
+        modes[i, :len(m)], dens[i, :len(m)] = m, w / w[0]
+        if progress and ((i + 1) % 100 == 0 or i + 1 == N):
+            progress(i + 1)
     quantiles = np.quantile(samples, QUANTILE_LEVELS, axis=1).transpose(1, 0, 2)
     return {"modes": modes, "mode_density": dens, "n_modes": np.isfinite(modes[:, :, 0]).sum(1),
             "quantiles": quantiles}
+
+
+def closest_mode(modes, reference, scale=None):
+    """The mode (N, 3) of modes (N, K, 3) closest to reference (N, 3); distances per parameter are divided
+    by `scale` (3,) (default: the widths of the prior ranges preprocess.THETA_BOUNDS: 4.44 dex, 6 dex, 1.5 mag)."""
+    modes = np.asarray(modes, dtype=float)
+    ref = np.asarray(reference, dtype=float)
+    scale = np.diff(preprocess.THETA_BOUNDS, axis=1)[:, 0] if scale is None else np.asarray(scale)
+    d2 = np.sum(((modes - ref[:, None, :]) / scale) ** 2, axis=2)
+    d2 = np.where(np.isfinite(d2), d2, np.inf)
+    idx = np.argmin(d2, axis=1)
+    return modes[np.arange(len(modes)), idx]
 
 
 def densest_sample(samples, flux_mjy, rel_err, distance_mpc):
@@ -364,10 +365,9 @@ def densest_sample(samples, flux_mjy, rel_err, distance_mpc):
 
     The likelihood of this model is tractable (grid_posterior.log_map_density, the function the grid MAP
     maximises: five table look-ups per sample, ~2 ms per cluster for 1e4 samples), so the network proposes and
-    the exact density ranks. Not DESIGN's MAP (the densest mean-shift mode, a property of the samples alone):
+    the exact density ranks. Not the MAP of SPEC.md Sect. 5 (the densest mean-shift mode, a property of the samples alone):
     a point estimate that needs the forward model and the noise model, reported beside it. samples (N, S, 3);
     flux_mjy, rel_err (N, 5); distance_mpc (N,). NaN for a cluster none of whose samples the noise model allows."""
-    import grid_posterior
     out = np.empty((len(samples), 3))
     for i in range(len(samples)):
         v, k = grid_posterior.log_map_density(samples[i], flux_mjy[i], rel_err[i], distance_mpc[i])
@@ -376,58 +376,19 @@ def densest_sample(samples, flux_mjy, rel_err, distance_mpc):
     return out
 
 
-def map_density_gap(points, map_exact, flux_mjy, rel_err, distance_mpc):
-    """Per cluster, how much less dense the exact posterior is at a point estimate than at the exact MAP:
-    log p(map_exact | x) - log p(point | x) in nats (grid_posterior.log_map_density, both at the centre of
-    their 1 Myr age bin; ~0 or slightly negative on the exact posterior's flat top, large in another mode or
-    off the support). It tells the two ways of missing the exact MAP's age apart: a posterior whose top is
-    flat over more than 0.1 dex in age has no well-defined MAP age (a small gap), a wrong mode has a large
-    one. points, map_exact (N, 3); flux_mjy, rel_err (N, 5); distance_mpc (N,). NaN where either is."""
-    import grid_posterior
-    out = np.full(len(points), np.nan)
-    for i in range(len(points)):
-        if np.all(np.isfinite(points[i])) and np.all(np.isfinite(map_exact[i])):
-            v, _ = grid_posterior.log_map_density(np.stack([map_exact[i], points[i]]), flux_mjy[i], rel_err[i],
-                                                  distance_mpc[i])
-            out[i] = v[0] - v[1]
-    return out
-
-
-def closest_mode(modes, reference, scale=None):
-    """The mode (N, 3) of modes (N, K, 3) closest to reference (N, 3); distances per parameter are divided
-    by `scale` (3,) (default: the widths of preprocess.THETA_BOUNDS-like prior ranges: 4.14 dex, 6 dex, 1.5 mag)."""
-    modes = np.asarray(modes, dtype=float)
-    ref = np.asarray(reference, dtype=float)
-    scale = np.array([np.log10(13750.5 / 0.5), 6.0, 1.5]) if scale is None else np.asarray(scale)
-    d2 = np.sum(((modes - ref[:, None, :]) / scale) ** 2, axis=2)
-    d2 = np.where(np.isfinite(d2), d2, np.inf)
-    idx = np.argmin(d2, axis=1)
-    return modes[np.arange(len(modes)), idx]
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Re-simulation, PPC, chi^2 (Eq. 11), inliers (Table 1)
-# ----------------------------------------------------------------------------------------------------------
-
-def theta_to_age_myr(log_age):
-    """Integer model-grid age in Myr (1..13750) of a (jittered) log10 age label: round(10**log_age)."""
-    return np.clip(np.rint(10.0 ** np.asarray(log_age, dtype=float)), 1, 13750).astype(np.int64)
-
+# Re-simulation, PPC (Fig. 4), chi^2 (Eq. 11), inliers (Table 1)
 
 def resimulate(theta, distance_mpc):
-    """Noise-free model photometry (..., 5) in mJy of theta (..., 3) at distance_mpc (broadcast to theta[..., 0]).
-
-    Uses simulate.model_flux with the integer grid age round(10**log t) (DESIGN Sect. 2).
-    """
-    import simulate
+    """Noise-free model photometry (..., 5) in mJy of theta (..., 3) at distance_mpc (broadcast to theta[..., 0]),
+    at the integer model age of each label (simulate.age_bin)."""
     theta = np.asarray(theta, dtype=float)
     dist = np.broadcast_to(np.asarray(distance_mpc, dtype=float), theta.shape[:-1])
-    ebv = np.clip(theta[..., 2], 0.0, 1.5)
-    return simulate.model_flux(theta_to_age_myr(theta[..., 0]), ebv, theta[..., 1], dist)
+    return model_flux(age_bin(theta[..., 0]), np.clip(theta[..., 2], *EBV_RANGE), theta[..., 1], dist)
 
 
 def lognormal_noise(flux_true, sigma, rng):
-    """DESIGN Sect. 3 noise model with a given absolute sigma: f* ~ LogNormal with mean f and sd sigma,
+    """SPEC.md Sect. 3 noise model with a given absolute sigma: f* ~ LogNormal with mean f and sd sigma,
     i.e. ln f* ~ N(ln f - s^2/2, s^2), s^2 = ln(1 + (sigma/f)^2)."""
     f = np.asarray(flux_true, dtype=float)
     s2 = np.log1p((np.asarray(sigma, dtype=float) / f) ** 2)
@@ -441,7 +402,7 @@ def ppc(samples, flux_obs, rel_err, distance_mpc, rng):
     observation's absolute uncertainty sigma_b = rel_err_b * flux_obs_b (so r = sigma_b / f_resim).
     Returns dict: pred_mean (N, 5) mean predictive flux, pred_q (N, 3, 5) 16/50/84 % predictive quantiles,
     rank (N, 5) = number of predictive draws below the observation (0..S), chi2_mean (N,) Eq. 11 chi^2 of
-    the mean predictive photometry (nu = 5).
+    the mean predictive photometry (nu = 5), sigma (N, 5), n_samples.
     """
     samples = np.asarray(samples, dtype=float)
     flux_obs = np.asarray(flux_obs, dtype=float)
@@ -491,404 +452,6 @@ def inlier_fractions(mle, mle_lo, mle_hi, quantiles, map_theta):
             "n_mle_in_cinn": ok1.sum(0), "n_map_in_mle": ok2.sum(0)}
 
 
-def mean_and_se(values):
-    """Mean and standard error of the finite entries of a 1-d array."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-
-
-def kl_estimate(logp_exact, logq):
-    """Mean of log p_exact(theta_true|x) - log q_cINN(theta_true|x) over clusters (nats) and its standard
-    error: a Monte-Carlo estimate of the expected KL divergence E_x KL(p || q) (>= 0, 0 is perfect)."""
-    return mean_and_se(np.asarray(logp_exact, float) - np.asarray(logq, float))
-
-
-NEAR_BOUND = (0.2, 0.05)     # kl_near_prior_bounds: dex of log mass from 2 or 8, mag of E(B-V) from 0 or 1.5
-
-
-def kl_near_prior_bounds(logp_exact, logq, theta_true):
-    """The KL estimate split by where the truth lies: within NEAR_BOUND of a hard prior bound in mass
-    ([2, 8] dex) or E(B-V) ([0, 1.5] mag), where the exact posterior keeps a finite density at the bound that
-    the flow must approach through the Phi^-1 map's Gaussian tail, or away from them. Returns
-    {"near": (n, mean, se), "away": (n, mean, se), "near_share_of_total": the near clusters' part of the mean}."""
-    import preprocess
-    d = np.asarray(logp_exact, float) - np.asarray(logq, float)
-    (m0, m1), (e0, e1) = preprocess.THETA_BOUNDS[1], preprocess.THETA_BOUNDS[2]
-    m, e = theta_true[:, 1], theta_true[:, 2]
-    near = (m < m0 + NEAR_BOUND[0]) | (m > m1 - NEAR_BOUND[0]) | (e < e0 + NEAR_BOUND[1]) | (e > e1 - NEAR_BOUND[1])
-    (n_near, *near_stats, share), (n_away, *away_stats, _) = _kl_part(d, near), _kl_part(d, ~near)
-    return {"near": (n_near, *near_stats), "away": (n_away, *away_stats), "near_share_of_total": share}
-
-
-def _kl_part(d, sel):
-    """(count, mean, se, share of the overall sum) of the finite per-cluster differences d inside the mask sel."""
-    ok = np.isfinite(d)
-    share = float(np.sum(d[sel & ok]) / np.sum(d[ok])) if ok.any() else float("nan")
-    return (int(np.sum(sel & ok)),) + mean_and_se(d[sel & ok]) + (share,)
-
-
-FLOOR_HEIGHT_EDGES = (0.01, 0.03, 0.1)    # kl_by_floor_height: dex of the true log mass above its mass floor
-
-
-def kl_by_floor_height(logp_exact, logq, theta_true, x):
-    """The KL estimate split by the truth's height h above the noise model's mass floor at its (t', E(B-V))
-    (preprocess.log_mass_floor's edge, unclipped: the exact posterior keeps a finite, often its largest,
-    density there): bins h < 0.01, 0.01-0.03, 0.03-0.1 and >= 0.1 dex (FLOOR_HEIGHT_EDGES). Returns a list of
-    (label, n, mean, se, share of the overall mean) per bin."""
-    import preprocess
-    d = np.asarray(logp_exact, float) - np.asarray(logq, float)
-    h = theta_true[:, 1] - preprocess._raw_mass_floor(theta_true[:, 0], theta_true[:, 2], x)
-    edges = (-np.inf,) + tuple(FLOOR_HEIGHT_EDGES) + (np.inf,)
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        label = f"< {hi:g}" if lo == -np.inf else (f">= {lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}")
-        out.append((label,) + _kl_part(d, (h >= lo) & (h < hi)))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Figures (matplotlib, Agg)
-# ----------------------------------------------------------------------------------------------------------
-
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_ppc(flux_obs, out, path, n_examples=3):
-    """Paper Fig. 4: mean predictive vs observed flux per band, example SEDs with predictive 16-84 %, and the
-    histogram of the observation's rank among the predictive draws."""
-    plt = _plt()
-    nb = flux_obs.shape[1]
-    fig, axes = plt.subplots(2, nb, figsize=(3.0 * nb, 6.0))
-    for b in range(nb):
-        ax = axes[0, b]
-        lo, mp = np.log10(flux_obs[:, b]), np.log10(out["pred_mean"][:, b])
-        ax.plot(lo, mp, ".", ms=2, alpha=0.5)
-        lim = [np.nanmin([lo.min(), mp.min()]), np.nanmax([lo.max(), mp.max()])]
-        ax.plot(lim, lim, "k-", lw=0.7)
-        ax.set_title(BAND_NAMES[b], fontsize=10)
-        ax.set_xlabel(r"observed $\log_{10}(f/\mathrm{mJy})$")
-    axes[0, 0].set_ylabel(r"mean predictive $\log_{10}(f/\mathrm{mJy})$")
-    wav = np.array([275, 336, 438, 555, 814])[:nb]
-    for j in range(min(n_examples, nb - 1, len(flux_obs))):
-        ax = axes[1, j]
-        q = out["pred_q"][j]
-        ax.fill_between(wav, q[0], q[2], color="C0", alpha=0.3, label="predictive 16-84 %")
-        ax.plot(wav, out["pred_mean"][j], "C0-", label="mean predictive")
-        ax.errorbar(wav, flux_obs[j], yerr=out["sigma"][j], fmt="ko", ms=3, label="observed")
-        ax.set_yscale("log")
-        ax.set_xlabel("band pivot ~ wavelength [nm]")
-        ax.set_title(f"cluster {j}", fontsize=9)
-    axes[1, 0].set_ylabel("flux [mJy]")
-    axes[1, 0].legend(fontsize=7)
-    for ax in axes[1, min(n_examples, nb - 1, len(flux_obs)):-1]:
-        ax.axis("off")
-    ax = axes[1, -1]
-    S = out["n_samples"]
-    for b in range(nb):
-        ax.hist(out["rank"][:, b] / S, bins=10, range=(0, 1), histtype="step", label=BAND_NAMES[b])
-    ax.set_xlabel("rank of observation / S")
-    ax.set_ylabel("number of clusters")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_modes(samples, summary, path, n_examples=3):
-    """Example posteriors: 2-d sample histograms (age-mass, age-E(B-V)) with the mean-shift modes (MAP = star)
-    and marginal histograms with the 16/50/84 % quantiles."""
-    plt = _plt()
-    n = min(n_examples, len(samples))
-    fig, axes = plt.subplots(n, 5, figsize=(16, 3.0 * n), squeeze=False)
-    for i in range(n):
-        s, m, q = samples[i], summary["modes"][i], summary["quantiles"][i]
-        for j, (a, b) in enumerate([(0, 1), (0, 2)]):
-            ax = axes[i, j]
-            ax.hist2d(s[:, a], s[:, b], bins=60, cmap="Greys")
-            ax.plot(m[1:, a], m[1:, b], "o", mfc="none", mec="C1", ms=8, label="other modes")
-            ax.plot(m[0, a], m[0, b], "*", color="C3", ms=12, label="MAP")
-            ax.set_xlabel(PARAM_LABELS[a])
-            ax.set_ylabel(PARAM_LABELS[b])
-        axes[i, 0].set_title(f"cluster {i}", fontsize=9)
-        for p in range(3):
-            ax = axes[i, 2 + p]
-            ax.hist(s[:, p], bins=60, color="0.5", density=True)
-            for v in q[:, p]:
-                ax.axvline(v, color="C0", ls="--", lw=0.8, label="16/50/84 %" if v == q[0, p] else None)
-            ax.axvline(m[0, p], color="C3", lw=1.2, label="MAP")
-            ax.set_xlabel(PARAM_LABELS[p])
-            ax.set_ylabel("posterior density")
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_compare(res, path_prefix):
-    """Paper Fig. 6 (MAP vs MLE, closest mode vs MLE), Fig. 8 (chi^2 of MAP and MLE) and Fig. B.3
-    (|MAP - MLE| against the cINN 16-84 % width). Writes <prefix>_map_vs_mle.png, _chi2.png, _width.png."""
-    plt = _plt()
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7.5))
-    for row, (key, name) in enumerate([("map", "cINN MAP"), ("closest", "closest cINN mode")]):
-        for p in range(3):
-            ax = axes[row, p]
-            x, y = res["mle"][:, p], res[key][:, p]
-            ax.plot(x, y, ".", ms=3, alpha=0.5)
-            ok = np.isfinite(x) & np.isfinite(y)
-            if ok.any():
-                lim = [min(x[ok].min(), y[ok].min()), max(x[ok].max(), y[ok].max())]
-                ax.plot(lim, lim, "k-", lw=0.7)
-            ax.set_xlabel("MLE " + PARAM_LABELS[p])
-            ax.set_ylabel(name + " " + PARAM_LABELS[p])
-    fig.tight_layout()
-    fig.savefig(f"{path_prefix}_map_vs_mle.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    both = np.concatenate([res["chi2_map"], res["chi2_mle"]])
-    both = both[np.isfinite(both) & (both > 0)]
-    bins = np.logspace(np.log10(max(both.min(), 1e-4)), np.log10(both.max()), 40) if both.size else 10
-    ax.hist(res["chi2_map"], bins=bins, histtype="step", lw=1.5, label="cINN MAP")
-    ax.hist(res["chi2_mle"], bins=bins, histtype="step", lw=1.5, label="MLE")
-    ax.set_xscale("log")
-    ax.set_xlabel(r"re-simulation $\chi^2$ (Eq. 11, $\nu$ = %d bands)" % res["nu"])
-    ax.set_ylabel("number of clusters")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(f"{path_prefix}_chi2.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-    width = res["quantiles"][:, 2] - res["quantiles"][:, 0]
-    for p in range(3):
-        ax = axes[p]
-        ax.plot(width[:, p], np.abs(res["map"][:, p] - res["mle"][:, p]), ".", ms=3, alpha=0.5)
-        w = np.linspace(0, np.nanmax(width[:, p]) if np.isfinite(width[:, p]).any() else 1, 10)
-        ax.plot(w, w / 2, "k--", lw=0.8, label="half 16-84 % width")
-        ax.set_xlabel("cINN 16-84 % width of " + PARAM_LABELS[p])
-        ax.set_ylabel("|MAP - MLE| of " + PARAM_LABELS[p])
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(f"{path_prefix}_width.png", dpi=110)
-    plt.close(fig)
-
-
-def plot_exact_examples(samples, grids, path, truth=None):
-    """Paper Fig. 5: marginal posteriors of the cINN (histograms of its samples) beside the exact grid
-    posterior (curves). grids: list of dicts with, per parameter p, 'x{p}' (grid centres) and 'p{p}' (density)."""
-    plt = _plt()
-    n = len(grids)
-    fig, axes = plt.subplots(n, 3, figsize=(11, 2.8 * n), squeeze=False)
-    for i in range(n):
-        for p in range(3):
-            ax = axes[i, p]
-            ax.hist(samples[i][:, p], bins=60, density=True, color="C0", alpha=0.5, label="cINN")
-            ax.plot(grids[i][f"x{p}"], grids[i][f"p{p}"], "k-", lw=1.2, label="exact grid")
-            if truth is not None:
-                ax.axvline(truth[i][p], color="C3", ls="--", lw=1, label="true")
-            ax.set_xlabel(PARAM_LABELS[p])
-        axes[i, 0].set_ylabel(f"cluster {i}\nposterior density")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI: data loading and sampling helpers
-# ----------------------------------------------------------------------------------------------------------
-
-OBS_KEYS = ("x", "flux_mjy", "rel_err", "distance_mpc")
-
-
-def load_obs(path, n=None, need_theta=False):
-    """Observation file (DESIGN Sect. 4) -> dict, first n rows; clear error on missing keys / unknown theta."""
-    import simulate
-    obs = simulate.load_npz(path, required=OBS_KEYS + (("theta",) if need_theta else ()))
-    N = len(obs["x"])
-    n = N if n is None else min(int(n), N)
-    out = {k: (v[:n] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == N else v)
-           for k, v in obs.items()}
-    if need_theta and not np.all(np.isfinite(out["theta"])):
-        bad = np.flatnonzero(~np.all(np.isfinite(out["theta"]), axis=1))
-        raise ValueError(f"{path}: true theta is NaN in rows {bad[:10].tolist()}; this diagnostic needs "
-                         "simulated test clusters with known parameters")
-    return out
-
-
-def load_model(path, device=None):
-    """The trained cINN (cinn.load); torch limited to one thread unless OMP_NUM_THREADS says otherwise."""
-    import os
-    import torch
-    import cinn
-    if path is None:
-        raise ValueError("this subcommand needs --model (a cINN checkpoint or run directory)")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    return cinn.load(path, device=device)
-
-
-def draw_samples(model, x, n_samples, seed, chunk=256, label="samples"):
-    """Posterior samples (N, n_samples, 3) from model.sample in chunks of clusters (progress lines);
-    chunk seeds come from np.random.default_rng(seed), so the same seed and chunk give identical samples."""
-    x = np.asarray(x)
-    seeds = np.random.default_rng(seed).integers(0, 2 ** 62, size=max(1, -(-len(x) // chunk)))
-    out = np.empty((len(x), n_samples, 3), dtype=np.float32)
-    t0 = time.time()
-    for k, i in enumerate(range(0, len(x), chunk)):
-        out[i:i + chunk] = model.sample(x[i:i + chunk], n_samples, seed=int(seeds[k]))
-        if (k + 1) % 10 == 0 or i + chunk >= len(x):
-            log(f"  {label}: {min(i + chunk, len(x))}/{len(x)} clusters, {time.time() - t0:.1f} s")
-    return out
-
-
-def _write_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return o.item()
-    raise TypeError(type(o))
-
-
-def _outdir(path):
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI subcommands
-# ----------------------------------------------------------------------------------------------------------
-
-def cmd_sbc(args):
-    """SBC on held-out simulations: ranks of the truth among L posterior samples for T1..T6 (Fig. 3)."""
-    import simulate
-    obs = load_obs(args.obs, args.n, need_theta=True)
-    model = load_model(args.model, args.device)
-    samples = draw_samples(model, obs["x"], args.L, args.seed, label="SBC samples")
-    ranks = sbc_ranks(samples, obs["theta"], rng=np.random.default_rng(args.seed + 1))
-    summ = sbc_summary(ranks, args.L, args.alpha)
-    z, diff = ecdf_difference(ranks, args.L)
-    _, slo, shi = ecdf_band(len(ranks), args.L, args.alpha, simultaneous=True)
-    _, plo, phi = ecdf_band(len(ranks), args.L, args.alpha, simultaneous=False)
-    out = _outdir(args.out)
-    simulate.save_npz(out / "sbc.npz", ranks=ranks, L=args.L, z=z, ecdf_diff=diff, band_simultaneous_lo=slo,
-                      band_simultaneous_hi=shi, band_pointwise_lo=plo, band_pointwise_hi=phi,
-                      stat_names=np.array(STAT_NAMES), seed=args.seed)
-    _write_json(out / "sbc.json", summ)
-    plot_sbc(ranks, args.L, out / "sbc.png", args.alpha)
-    print(f"SBC: {summ['n_pairs']} test clusters, L = {args.L}, band: simultaneous {1 - args.alpha:.0%} "
-          f"(pointwise {args.alpha / 2:.2f}-{1 - args.alpha / 2:.2f} binomial band also given)")
-    print(f"{'statistic':22s} {'max|ECDF-U|':>11s} {'inside sim.':>11s} {'inside pw.':>10s}")
-    for s in summ["statistics"]:
-        print(f"{s['name']:22s} {s['max_abs_ecdf_diff']:11.4f} {str(s['inside_simultaneous_band']):>11s} "
-              f"{str(s['inside_pointwise_band']):>10s}")
-    print(f"simultaneous band half-width ~ {summ['statistics'][0]['simultaneous_band_halfwidth_max']:.4f}; "
-          f"all inside: {summ['all_inside_simultaneous']}; wrote {out}/sbc.npz, sbc.json, sbc.png")
-    return summ
-
-
-def cmd_ppc(args):
-    """Posterior predictive check (Fig. 4)."""
-    import simulate
-    obs = load_obs(args.obs, args.n)
-    model = load_model(args.model, args.device)
-    samples = draw_samples(model, obs["x"], args.samples, args.seed, label="PPC samples")
-    rng = np.random.default_rng(args.seed + 1)
-    res = {k: [] for k in ("pred_mean", "pred_q", "rank", "chi2_mean", "sigma")}
-    for i in range(0, len(samples), 100):            # (100, S, 5) re-simulated fluxes at a time
-        r = ppc(samples[i:i + 100], obs["flux_mjy"][i:i + 100], obs["rel_err"][i:i + 100],
-                obs["distance_mpc"][i:i + 100], rng)
-        for k in res:
-            res[k].append(r[k])
-    res = {k: np.concatenate(v) for k, v in res.items()}
-    res["n_samples"] = args.samples
-    S = args.samples
-    frac = res["rank"] / S
-    dlog = np.log10(res["pred_mean"] / obs["flux_mjy"])
-    summ = {"n_clusters": len(samples), "n_samples": S, "bands": list(BAND_NAMES),
-            "median_log10_pred_over_obs": np.median(dlog, axis=0),
-            "mad_log10_pred_over_obs": np.median(np.abs(dlog - np.median(dlog, 0)), axis=0),
-            "share_obs_in_central_68": np.mean((frac >= 0.16) & (frac <= 0.84), axis=0),
-            "share_obs_in_central_95": np.mean((frac >= 0.025) & (frac <= 0.975), axis=0),
-            "median_chi2_mean_prediction": float(np.median(res["chi2_mean"]))}
-    out = _outdir(args.out)
-    simulate.save_npz(out / "ppc.npz", flux_obs_mjy=obs["flux_mjy"], rel_err=obs["rel_err"],
-                      pred_mean_mjy=res["pred_mean"], pred_q_mjy=res["pred_q"], rank=res["rank"],
-                      chi2_mean=res["chi2_mean"], n_samples=S, bands=np.array(BAND_NAMES), seed=args.seed)
-    _write_json(out / "ppc.json", summ)
-    plot_ppc(obs["flux_mjy"], res, out / "ppc.png")
-    print(f"PPC: {len(samples)} clusters, {S} posterior samples each, re-simulated with the log-normal noise "
-          "model at the observed sigma")
-    print(f"{'band':6s} {'med log10(pred/obs)':>20s} {'MAD':>7s} {'obs in 68%':>10s} {'obs in 95%':>10s}")
-    for b in range(len(BAND_NAMES)):
-        print(f"{BAND_NAMES[b]:6s} {summ['median_log10_pred_over_obs'][b]:20.4f} "
-              f"{summ['mad_log10_pred_over_obs'][b]:7.4f} {summ['share_obs_in_central_68'][b]:10.3f} "
-              f"{summ['share_obs_in_central_95'][b]:10.3f}")
-    print(f"median chi^2 (Eq. 11, nu = 5) of the mean prediction: {summ['median_chi2_mean_prediction']:.3f}; "
-          f"wrote {out}/ppc.npz, ppc.json, ppc.png")
-    return summ
-
-
-def _summary_or_run(args, obs, model):
-    """Posterior samples and summary (modes + quantiles) for obs, with timing."""
-    samples = draw_samples(model, obs["x"], args.samples, args.seed, label="posterior samples")
-    t0 = time.time()
-    summ = summarize(samples, args.bandwidth, 3, args.kernel)
-    log(f"  modes + quantiles: {time.time() - t0:.1f} s for {len(samples)} clusters")
-    return samples, summ
-
-
-def cmd_modes(args):
-    """Posterior samples -> modes (mean-shift), MAP, 16/50/84 % quantiles, the densest sample (densest_sample);
-    the posterior-samples .npz."""
-    import simulate
-    obs = load_obs(args.obs, args.n)
-    if args.samples_file:
-        samples = simulate.load_npz(args.samples_file, required=("samples",))["samples"][:len(obs["x"])]
-        t0 = time.time()
-        summ = summarize(samples, args.bandwidth, 3, args.kernel)
-        log(f"  modes + quantiles: {time.time() - t0:.1f} s")
-    else:
-        samples, summ = _summary_or_run(args, obs, load_model(args.model, args.device))
-    arrays = dict(modes=summ["modes"], mode_density=summ["mode_density"], n_modes=summ["n_modes"],
-                  quantiles=summ["quantiles"], quantile_levels=np.array(QUANTILE_LEVELS),
-                  param_names=np.array(PARAM_NAMES), kernel=args.kernel, seed=args.seed,
-                  densest=densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]))
-    if "id" in obs:
-        arrays["id"] = obs["id"]
-    if args.save_samples:
-        arrays["samples"] = samples
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    simulate.save_npz(out, **arrays)
-    png = out.with_suffix(".png")
-    plot_modes(samples, summ, png)
-    nm = np.bincount(summ["n_modes"], minlength=4)[1:]
-    print(f"modes: {len(samples)} clusters, {samples.shape[1]} samples each, kernel {args.kernel}, bandwidth "
-          f"{'Silverman rule' if args.bandwidth is None else args.bandwidth} (standardised units)")
-    print(f"clusters with 1 / 2 / 3 modes: {nm[0]} / {nm[1]} / {nm[2]}")
-    if "theta" in obs and np.all(np.isfinite(obs["theta"])):
-        err = summ["modes"][:, 0] - obs["theta"]
-        cover = np.mean((obs["theta"] >= summ["quantiles"][:, 0]) & (obs["theta"] <= summ["quantiles"][:, 2]), 0)
-        for p in range(3):
-            print(f"  {PARAM_NAMES[p]:14s} median |MAP - true| {np.median(np.abs(err[:, p])):.4f}, "
-                  f"truth in 16-84 %: {cover[p]:.3f} (0.68 expected)")
-    print(f"wrote {out}, {png}")
-    return summ
-
-
 def mle_theta(mle, age_cell_myr=1.0):
     """MLE columns -> theta (N, 3), lo (N, 3), hi (N, 3) in (log10 age/Myr, log10 mass, E(B-V)).
 
@@ -932,404 +495,723 @@ def compare_with_mle(summ, mle, mle_lo, mle_hi, obs, nu=None, chi2_mle=None):
     return res
 
 
-def cmd_compare(args):
-    """cINN vs maximum-likelihood fits: chi^2 (Eq. 11, Fig. 8), Table 1 inliers, Fig. 6, Fig. B.3."""
-    import simulate
-    obs = load_obs(args.obs, args.n)
-    if args.mle:
-        mle = simulate.load_npz(args.mle)
-        mle = {k: v[:len(obs["x"])] if isinstance(v, np.ndarray) and v.ndim else v for k, v in mle.items()}
-        src = args.mle
-    else:
-        import grid_posterior
-        log("  MLE fits with grid_posterior.mle ...")
-        mle = grid_posterior.mle(obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
-        src = "grid_posterior.mle"
-    th, lo, hi = mle_theta(mle)
-    if len(th) != len(obs["x"]):
-        raise ValueError(f"{src}: {len(th)} MLE rows but {len(obs['x'])} clusters in {args.obs}")
-    if args.summary:
-        s = simulate.load_npz(args.summary, required=("modes", "quantiles"))
-        summ = {"modes": s["modes"][:len(th)], "quantiles": s["quantiles"][:len(th)]}
-    else:
-        _, summ = _summary_or_run(args, obs, load_model(args.model, args.device))
-    res = compare_with_mle(summ, th, lo, hi, obs, args.nu)
-    out = _outdir(args.out)
-    simulate.save_npz(out / "compare.npz", **{k: np.asarray(v) for k, v in res.items()}, seed=args.seed)
-    summary = {"n_clusters": len(th), "mle_source": src, "nu": res["nu"],
-               "median_chi2_map": float(np.nanmedian(res["chi2_map"])),
-               "median_chi2_mle": float(np.nanmedian(res["chi2_mle"])),
-               "share_chi2_map_below_mle": float(np.nanmean(res["chi2_map"] <= res["chi2_mle"])),
-               "mle_in_cinn_16_84": dict(zip(PARAM_NAMES, res["mle_in_cinn"])),
-               "map_in_mle_1sigma": dict(zip(PARAM_NAMES, res["map_in_mle"])),
-               "median_abs_map_minus_mle": dict(zip(PARAM_NAMES, np.nanmedian(np.abs(res["map"] - th), 0))),
-               "median_abs_closest_minus_mle": dict(zip(PARAM_NAMES,
-                                                        np.nanmedian(np.abs(res["closest"] - th), 0)))}
-    _write_json(out / "compare.json", summary)
-    plot_compare(res, str(out / "compare"))
-    print(f"compare: {len(th)} clusters, MLE from {src}; chi^2 of Eq. 11 with nu = {res['nu']}")
-    print(f"median chi^2: MAP {summary['median_chi2_map']:.3f}, MLE {summary['median_chi2_mle']:.3f}; "
-          f"MAP chi^2 <= MLE chi^2 for {summary['share_chi2_map_below_mle']:.1%}")
-    print(f"{'parameter':14s} {'MLE in cINN 16-84%':>19s} {'MAP in MLE 1sig':>16s} {'med|MAP-MLE|':>13s} "
-          f"{'med|closest-MLE|':>17s}")
-    for p, name in enumerate(PARAM_NAMES):
-        print(f"{name:14s} {res['mle_in_cinn'][p]:19.1%} {res['map_in_mle'][p]:16.1%} "
-              f"{summary['median_abs_map_minus_mle'][name]:13.4f} "
-              f"{summary['median_abs_closest_minus_mle'][name]:17.4f}")
-    print(f"wrote {out}/compare.npz, compare.json, compare_map_vs_mle.png, compare_chi2.png, compare_width.png")
-    return summary
+def ppc_summary(res, flux_obs):
+    """The numbers of a PPC (ppc's dict): per band the median and MAD of log10(predicted / observed), the share
+    of observations inside the central 68 and 95 % of the predictive draws; the median chi^2 of the mean."""
+    frac = res["rank"] / res["n_samples"]
+    dlog = np.log10(res["pred_mean"] / flux_obs)
+    return {"n_clusters": len(flux_obs), "n_samples": res["n_samples"], "bands": list(BANDS),
+            "median_log10_pred_over_obs": np.median(dlog, axis=0),
+            "mad_log10_pred_over_obs": np.median(np.abs(dlog - np.median(dlog, 0)), axis=0),
+            "share_obs_in_central_68": np.mean((frac >= 0.16) & (frac <= 0.84), axis=0),
+            "share_obs_in_central_95": np.mean((frac >= 0.025) & (frac <= 0.975), axis=0),
+            "median_chi2_mean_prediction": float(np.median(res["chi2_mean"]))}
 
 
-def cmd_throughput(args):
-    """Posterior samples per second and clusters per second (samples + modes + quantiles)."""
-    import simulate
-    obs = load_obs(args.obs, args.n)
-    model = load_model(args.model, args.device)
-    x = obs["x"]
-    model.sample(x[:2], 100, seed=0)                                      # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
-    samples = model.sample(x, args.samples, seed=args.seed)
-    t_sample, c_sample = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    summarize(samples, None, 3, args.kernel, progress=False)
-    t_summ, c_summ = time.perf_counter() - t0, time.process_time() - c0
-    n = len(x)
-    res = {"device": str(getattr(model, "device", "cpu")), "n_clusters": n, "samples_per_cluster": args.samples,
-           "threads": int(__import__("torch").get_num_threads()),
-           "sampling_s": t_sample, "modes_quantiles_s": t_summ,
-           "sampling_cpu_s": c_sample, "modes_quantiles_cpu_s": c_summ,
-           "projected_cpu_s_for_2439_clusters": 2439 * (c_sample + c_summ) / n,
-           "posterior_samples_per_s": n * args.samples / t_sample,
-           "clusters_per_s": n / (t_sample + t_summ),
-           "modes_s_per_cluster": t_summ / n,
-           "projected_s_for_2439_clusters": 2439 * (t_sample + t_summ) / n}
-    out = _outdir(args.out)
-    simulate.save_npz(out / "throughput.npz", **{k: np.asarray(v) for k, v in res.items()})
-    _write_json(out / "throughput.json", res)
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.barh(["sampling", "modes + quantiles"], [t_sample / n * 1e3, t_summ / n * 1e3], color=["C0", "C1"])
-    ax.set_xlabel(f"time per cluster [ms] ({args.samples} samples, {res['device']}, {res['threads']} thread(s))")
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=110)
-    plt.close(fig)
-    print(f"throughput on {res['device']} ({res['threads']} thread(s)), {n} clusters x {args.samples} samples:")
-    print(f"  posterior samples/s: {res['posterior_samples_per_s']:.3g}")
-    print(f"  modes + quantiles:   {res['modes_s_per_cluster'] * 1e3:.1f} ms per cluster")
-    print(f"  clusters/s (samples + modes + quantiles): {res['clusters_per_s']:.2f}; "
-          f"2,439 clusters would take {res['projected_s_for_2439_clusters']:.0f} s wall "
-          f"({res['projected_cpu_s_for_2439_clusters']:.0f} CPU-s; wall > CPU means a busy machine)")
-    return res
+def compare_summary(res, mle):
+    """The numbers of compare_with_mle's dict: median chi^2 of MAP and MLE, Table 1 shares, median |MAP - MLE|."""
+    names = preprocess.THETA_NAMES
+    return {"n_clusters": len(mle), "nu": res["nu"],
+            "median_chi2_map": float(np.nanmedian(res["chi2_map"])),
+            "median_chi2_mle": float(np.nanmedian(res["chi2_mle"])),
+            "share_chi2_map_below_mle": float(np.nanmean(res["chi2_map"] <= res["chi2_mle"])),
+            "mle_in_cinn_16_84": dict(zip(names, res["mle_in_cinn"])),
+            "map_in_mle_1sigma": dict(zip(names, res["map_in_mle"])),
+            "median_abs_map_minus_mle": dict(zip(names, np.nanmedian(np.abs(res["map"] - mle), 0))),
+            "median_abs_closest_minus_mle": dict(zip(names, np.nanmedian(np.abs(res["closest"] - mle), 0)))}
 
 
-def exact_reference(obs, cinn_samples, args):
-    """Per cluster of obs: the exact grid posterior's log density at the true theta, MAP, 16/50/84 %
-    quantiles, and the mean-shift MAP of as many exact samples as the cINN has; plus the marginals of the
-    first args.examples clusters for the Fig. 5 figure. Clusters whose exact posterior exceeds the memory cap
-    get NaN (reported as a count, never silently). One cluster at a time: a grid posterior holds ~1e5-1e7
-    cells, so only summaries are kept."""
-    import grid_posterior
-    n, theta = len(obs["x"]), obs["theta"]
-    rng = np.random.default_rng(args.seed + 1)
+# ----------------------------------------------------------------------------------------------------------
+# Against the exact grid posterior
+
+def mean_and_se(values):
+    """Mean and standard error of the finite entries of a 1-d array (NaN where there are too few)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def kl_estimate(logp_exact, logq):
+    """Mean of log p_exact(theta_true|x) - log q_cINN(theta_true|x) over clusters (nats) and its standard
+    error: a Monte-Carlo estimate of the expected KL divergence E_x KL(p || q) (>= 0, 0 is perfect)."""
+    return mean_and_se(np.asarray(logp_exact, float) - np.asarray(logq, float))
+
+
+def _kl_part(d, sel):
+    """(count, mean, se, share of the overall sum) of the finite per-cluster differences d inside the mask sel."""
+    ok = np.isfinite(d)
+    share = float(np.sum(d[sel & ok]) / np.sum(d[ok])) if ok.any() else float("nan")
+    return (int(np.sum(sel & ok)),) + mean_and_se(d[sel & ok]) + (share,)
+
+
+NEAR_BOUND = (0.2, 0.05)     # kl_near_prior_bounds: dex of log mass from 2 or 8, mag of E(B-V) from 0 or 1.5
+
+
+def kl_near_prior_bounds(logp_exact, logq, theta_true):
+    """The KL estimate split by where the truth lies: within NEAR_BOUND of a hard prior bound in mass or E(B-V),
+    where the exact posterior keeps a finite density at the bound, or away from them.
+
+    Returns:
+        {"near": (n, mean, se), "away": (n, mean, se), "near_share_of_total": the near clusters' share}.
+    """
+    d = np.asarray(logp_exact, float) - np.asarray(logq, float)
+    (m0, m1), (e0, e1) = preprocess.THETA_BOUNDS[1], preprocess.THETA_BOUNDS[2]
+    m, e = theta_true[:, 1], theta_true[:, 2]
+    near = (m < m0 + NEAR_BOUND[0]) | (m > m1 - NEAR_BOUND[0]) | (e < e0 + NEAR_BOUND[1]) | (e > e1 - NEAR_BOUND[1])
+    (n_near, *near_stats, share), (n_away, *away_stats, _) = _kl_part(d, near), _kl_part(d, ~near)
+    return {"near": (n_near, *near_stats), "away": (n_away, *away_stats), "near_share_of_total": share}
+
+
+FLOOR_HEIGHT_EDGES = (0.01, 0.03, 0.1)    # kl_by_floor_height: dex of the true log mass above its mass floor
+
+
+def kl_by_floor_height(logp_exact, logq, theta_true, x):
+    """The KL estimate split by the truth's height h above the noise model's mass floor at its (t', E(B-V))
+    (refinements.raw_mass_floor; the exact posterior keeps a finite, often its largest, density there):
+    h < 0.01, 0.01-0.03, 0.03-0.1 and >= 0.1 dex. Returns [(label, n, mean, se, share of the mean), ...]."""
+    d = np.asarray(logp_exact, float) - np.asarray(logq, float)
+    h = theta_true[:, 1] - refinements.raw_mass_floor(theta_true[:, 0], theta_true[:, 2], x)
+    edges = (-np.inf,) + tuple(FLOOR_HEIGHT_EDGES) + (np.inf,)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        label = f"< {hi:g}" if lo == -np.inf else (f">= {lo:g}" if hi == np.inf else f"{lo:g}-{hi:g}")
+        out.append((label,) + _kl_part(d, (h >= lo) & (h < hi)))
+    return out
+
+
+EXACT_KEYS = ("logp_exact", "map_exact", "quantiles_exact", "map_exact_meanshift")
+
+
+def exact_reference(obs, n_samples, rng, bandwidth=None, kernel="gaussian", n_examples=0, progress=None):
+    """Per cluster of obs (with the true theta): the exact grid posterior's log density at the true theta, its
+    MAP, 16/50/84 % quantiles, and the mean-shift MAP of n_samples exact samples (the same estimator as the
+    cINN's). A cluster whose posterior cannot be computed gets NaN (counted by exact_summary).
+
+    Returns:
+        (dict of EXACT_KEYS arrays, the marginals of the first n_examples clusters for plots.plot_exact_examples,
+        and those clusters' exact samples).
+    """
+    n = len(obs["x"])
     ref = dict(logp_exact=np.full(n, np.nan), map_exact=np.full((n, 3), np.nan),
-               quantiles_exact=np.full((n, 3, 3), np.nan), map_exact_meanshift=np.full((n, 3), np.nan),
-               map_exact_meanshift_2=np.full((n, 3), np.nan))
-    grids, k_ex, t0 = [], min(args.examples, n), time.time()
+               quantiles_exact=np.full((n, 3, 3), np.nan), map_exact_meanshift=np.full((n, 3), np.nan))
+    grids, examples = [], []
     for i in range(n):
         f, r, d = obs["flux_mjy"][i:i + 1], obs["rel_err"][i:i + 1], obs["distance_mpc"][i:i + 1]
         try:
             post = grid_posterior.exact_posterior(f[0], r[0], d[0])
-        except MemoryError as exc:
-            log(f"  cluster {i}: exact posterior failed ({exc}); left out")
-            k_ex = min(k_ex, i)
+        except (MemoryError, RuntimeError):              # this cluster is left out, the others go on
+            n_examples = min(n_examples, i)
             continue
-        ref["logp_exact"][i] = grid_posterior.log_density(theta[i:i + 1], f, r, d, posts=[post])[0]
+        ref["logp_exact"][i] = grid_posterior.log_density(obs["theta"][i:i + 1], f, r, d, posts=[post])[0]
         ref["map_exact"][i] = post["map"]
         ref["quantiles_exact"][i] = np.asarray(post["quantiles"]).T                     # (q, param)
-        ex = grid_posterior.sample_posterior(post, cinn_samples.shape[1], rng)
-        ref["map_exact_meanshift"][i] = mean_shift(ex, args.bandwidth, 3, args.kernel)[0]
-        ex2 = grid_posterior.sample_posterior(post, cinn_samples.shape[1], rng)   # the estimator's own scatter
-        ref["map_exact_meanshift_2"][i] = mean_shift(ex2, args.bandwidth, 3, args.kernel)[0]
-        if i < k_ex:
-            grids.append(_exact_marginals(post, ex, cinn_samples[i]))
-        del post
-        if (i + 1) % 10 == 0 or i + 1 == n:
-            log(f"  exact posteriors: {i + 1}/{n} clusters, {time.time() - t0:.1f} s")
-    return ref, grids
+        ex = grid_posterior.sample_posterior(post, n_samples, rng)
+        ref["map_exact_meanshift"][i] = mean_shift(ex, bandwidth, 3, kernel)[0]
+        if i < n_examples:
+            grids.append(exact_marginals(post, ex))
+            examples.append(ex)
+        if progress:
+            progress(i + 1)
+    return ref, grids, examples
 
 
-def _share_within(a, b, tol):
-    """Share of |a - b| <= tol over the pairs where a is known (NaN if none is)."""
-    known = np.isfinite(a)
-    return float(np.mean(np.abs(a[known] - b[known]) <= tol)) if known.any() else float("nan")
+def exact_marginals(post, exact_samples, bins=80):
+    """Marginal densities of an exact posterior for plotting: the age from the grid's P(k) (as a density in
+    log10 t', uniform in t' inside each bin), mass and E(B-V) as histograms of exact samples."""
+    pmf = np.asarray(post["age_pmf"])
+    edges = np.linspace(*np.percentile(exact_samples[:, 0], [0.05, 99.95]), bins + 1)
+    cdf_k = np.concatenate([[0.0], np.cumsum(pmf)])
+    t = np.clip(10.0 ** edges, 0.5, len(pmf) + 0.5)
+    j = np.minimum(np.floor(t - 0.5).astype(int), len(pmf) - 1)         # bin j covers [j + 1/2, j + 3/2]
+    g = {"x0": 0.5 * (edges[1:] + edges[:-1]), "p0": np.diff(cdf_k[j] + pmf[j] * (t - 0.5 - j)) / np.diff(edges)}
+    for p in (1, 2):
+        dens, e = np.histogram(exact_samples[:, p], bins=bins, density=True)
+        g[f"x{p}"], g[f"p{p}"] = 0.5 * (e[1:] + e[:-1]), dens
+    return g
+
+
+def exact_summary(ref, logq, logq_flow, samples, summ, obs):
+    """The comparison with the exact posterior, as numbers.
+
+    Args:
+        ref: exact_reference's dict. logq, logq_flow: the model's log density at the true theta, as it samples
+        and of the flow alone (the same for a paper-method model). samples (N, S, 3), summ (summarize) and obs
+        of the same clusters.
+    Returns:
+        dict (JSON-ready): KL estimate and its splits, share of samples outside the noise model's support,
+        16-84 % width ratios, MAP agreement, truth inside the 16-84 % intervals.
+    """
+    theta, logp = obs["theta"], ref["logp_exact"]
+    ok = np.isfinite(logp)
+    kl, kl_se = kl_estimate(logp, logq)
+    kl_flow, kl_flow_se = kl_estimate(logp, logq_flow)
+    q, q_exact = summ["quantiles"], ref["quantiles_exact"]
+    ratio = (q[:, 2] - q[:, 0]) / (q_exact[:, 2] - q_exact[:, 0])
+    dage = np.abs(summ["modes"][:, 0, 0] - ref["map_exact"][:, 0])
+    dage_exact = np.abs(ref["map_exact_meanshift"][:, 0] - ref["map_exact"][:, 0])
+    names = preprocess.THETA_NAMES
+    return {"n_clusters": len(theta), "n_exact_failed": int(np.sum(~ok)), "n_samples": samples.shape[1],
+            "kl_mean_nats": kl, "kl_se_nats": kl_se, "kl_median_nats": float(np.nanmedian(logp - logq)),
+            "kl_flow_mean_nats": kl_flow, "kl_flow_se_nats": kl_flow_se,
+            "kl_by_distance_to_prior_bounds": kl_near_prior_bounds(logp, logq, theta),
+            "kl_by_height_above_mass_floor_dex": kl_by_floor_height(logp, logq, theta, obs["x"]),
+            "share_cinn_samples_below_mass_floor": float(refinements.below_floor(samples, obs["x"][:, None]).mean()),
+            "median_width_ratio_cinn_over_exact": dict(zip(names, np.nanmedian(ratio, 0))),
+            "share_width_ratio_within_20pc": dict(zip(names, np.mean(np.abs(ratio[ok] - 1) <= 0.2, 0))),
+            "share_map_within_0p1_dex_age": float(np.mean(dage[ok] <= 0.1)),
+            "share_exact_sample_map_within_0p1_dex_age": float(np.mean(dage_exact[ok] <= 0.1)),
+            "truth_in_cinn_16_84": dict(zip(names, np.mean((theta >= q[:, 0]) & (theta <= q[:, 2]), 0))),
+            "truth_in_exact_16_84": dict(zip(names, np.mean((theta[ok] >= q_exact[ok, 0])
+                                                           & (theta[ok] <= q_exact[ok, 2]), 0)))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A catalogue through a trained model
+
+def posterior_summary(samples, summ, chunk=256):
+    """summarize's modes and quantiles (N, K, 3) with the log current stellar mass inserted: (N, K, 4) modes and
+    (N, 3, 4) quantiles over catalogs.RESULT_PARAMS. The M* of the samples is computed chunk by chunk (bounded memory)."""
+    modes3, q3 = summ["modes"], summ["quantiles"]
+    modes = np.concatenate([modes3[..., :2], catalogs.log10_mstar(modes3)[..., None], modes3[..., 2:]], axis=-1)
+    q_ms = np.concatenate([np.quantile(catalogs.log10_mstar(samples[i:i + chunk]), QUANTILE_LEVELS, axis=1).T
+                           for i in range(0, len(samples), chunk)])
+    quant = np.concatenate([q3[..., :2], q_ms[..., None], q3[..., 2:]], axis=-1)
+    return {"modes": modes, "quantiles": quant, "n_modes": summ["n_modes"]}
+
+
+def inlier_table(name, ref, lo, hi, quantiles, map_theta, param_names):
+    """Table 1 rows (inlier_fractions) for one reference (the grid MLE or the catalogue's estimates)."""
+    f = inlier_fractions(ref, lo, hi, quantiles, map_theta)
+    return Table({"reference": [name] * len(param_names), "parameter": list(param_names),
+                  "ref_in_cinn_16_84_pct": 100 * np.asarray(f["mle_in_cinn"]),
+                  "n_ref_in_cinn": np.asarray(f["n_mle_in_cinn"]),
+                  "cinn_map_in_ref_1sigma_pct": 100 * np.asarray(f["map_in_mle"]),
+                  "n_map_in_ref": np.asarray(f["n_map_in_mle"])})
+
+
+CURRENT_MASS = [0, 2, 3]       # catalogs.RESULT_PARAMS a catalogue reports: its masses are current stellar masses
+
+
+def catalog_inliers(summ, mle, cat, fmt, rows=slice(None)):
+    """Table 1 against the grid MLE (mle: dict theta, lo, hi over catalogs.RESULT_PARAMS, or None) and against the
+    catalogue's own estimates (cat: (theta, lo, hi) over log age, log M*, E(B-V), or None), for `rows`."""
+    q, mp = summ["quantiles"][rows], summ["modes"][rows, 0]
+    parts = []
+    if mle is not None:
+        parts.append(inlier_table("grid MLE", mle["theta"][rows], mle["lo"][rows], mle["hi"][rows], q, mp,
+                                  catalogs.RESULT_PARAMS))
+    if cat is not None:
+        parts.append(inlier_table(f"catalogue ({fmt})", cat[0][rows], cat[1][rows], cat[2][rows],
+                                  q[:, :, CURRENT_MASS], mp[:, CURRENT_MASS],
+                                  [catalogs.RESULT_PARAMS[i] for i in CURRENT_MASS]))
+    return vstack(parts) if parts else None
+
+
+def inliers_by_field(fields, summ, mle, cat, fmt):
+    """Table 1 per field (several catalogues in one run): one row per field, reference and parameter."""
+    tables = []
+    for f in dict.fromkeys(fields):
+        t = catalog_inliers(summ, mle, cat, fmt, np.asarray(fields == f))
+        t.add_column([f] * len(t), index=0, name="field")
+        tables.append(t)
+    return vstack(tables)
+
+
+def catalog_posteriors(model, x, n_samples, seed, obs, chunk=256, n_examples=3, progress=None):
+    """Posterior summaries of every cluster, a chunk of clusters at a time: memory holds one chunk of samples
+    (chunk x n_samples x 3), whatever the catalogue's length.
+
+    Args:
+        model: a trained cINN. x (N, 11). n_samples per cluster. seed: the chunks' seeds come from it (the
+        same seed and chunk give the same samples, as draw_samples). obs: flux_mjy, rel_err, distance_mpc of
+        the same clusters (for the densest sample). n_examples: samples kept of the most multimodal clusters.
+        progress: called with the number of clusters done.
+    Returns:
+        dict summ3 (summarize's modes, quantiles, n_modes), summ (posterior_summary, with log M*), densest
+        (N, 3), examples (indices, their samples, their summ3).
+    """
+    seeds = np.random.default_rng(seed).integers(0, 2 ** 62, size=max(1, -(-len(x) // chunk)))
+    parts, keep = [], []
+    for k, i in enumerate(range(0, len(x), chunk)):
+        rows = slice(i, i + chunk)
+        s = model.sample(x[rows], n_samples, seed=int(seeds[k])).astype(np.float32)
+        summ3 = summarize(s)
+        parts.append((summ3, posterior_summary(s, summ3),
+                      densest_sample(s, obs["flux_mjy"][rows], obs["rel_err"][rows], obs["distance_mpc"][rows])))
+        keep = sorted(keep + [(-summ3["n_modes"][j], i + j, s[j]) for j in range(len(s))], key=lambda e: e[:2])
+        keep = keep[:n_examples]
+        if progress:
+            progress(min(i + chunk, len(x)))
+    join = lambda j, key: np.concatenate([p[j][key] for p in parts])
+    summ3 = {key: join(0, key) for key in ("modes", "quantiles", "n_modes")}
+    idx = np.array([e[1] for e in keep], dtype=int)
+    return dict(summ3=summ3, summ={key: join(1, key) for key in ("modes", "quantiles", "n_modes")},
+                densest=np.concatenate([p[2] for p in parts]),
+                examples=(idx, np.array([e[2] for e in keep]), {key: summ3[key][idx] for key in summ3}))
+
+
+def catalog_results(obs, est, post, fmt, with_mle=True):
+    """Everything a catalogue run reports, from its observations and posterior summaries.
+
+    Args:
+        obs, est: catalogs.read_many's observations and the catalogue's own estimates.
+        post: catalog_posteriors of the clusters.
+        with_mle: also fit the grid MLE (grid_posterior.mle) and compare with it.
+    Returns:
+        dict table (catalogs.result_table), inliers (Table 1 or None), by_field (or None), res_grid and
+        res_cat (compare_with_mle-style dicts for the figures, or None), chi2_map.
+    """
+    summ3, summ = post["summ3"], post["summ"]
+    sigma = obs["rel_err"] * obs["flux_mjy"]
+    chi2_map = resim_chi2(resimulate(summ3["modes"][:, 0], obs["distance_mpc"]), obs["flux_mjy"], sigma)
+    mle = res_grid = None
+    if with_mle:
+        th, lo, hi = mle_theta(grid_posterior.mle(obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]))
+        res_grid = compare_with_mle(summ3, th, lo, hi, obs)
+        theta4, lo4, hi4 = catalogs.with_mstar(th, lo, hi)
+        mle = {"theta": theta4, "lo": lo4, "hi": hi4, "chi2": res_grid["chi2_mle"]}
+    table = catalogs.result_table(obs, est, summ, chi2_map, mle, post["densest"])
+    cat, res_cat = catalogs.catalogue_estimates(est), None
+    if np.isfinite(cat[0]).any():
+        res_cat = _catalogue_comparison(obs, cat, summ, sigma, chi2_map)
+        table["chi2_resim_cat"] = res_cat["chi2_mle"]
+        table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
+    cat = cat if res_cat is not None else None
+    fields = obs["field"]
+    several = len(set(fields)) > 1 and (mle is not None or cat is not None)
+    return dict(table=table, inliers=catalog_inliers(summ, mle, cat, fmt), res_grid=res_grid, res_cat=res_cat,
+                by_field=inliers_by_field(fields, summ, mle, cat, fmt) if several else None, chi2_map=chi2_map)
+
+
+def _catalogue_comparison(obs, cat, summ, sigma, chi2_map):
+    """compare_with_mle-style dict of the cINN against the catalogue's own estimates, in current mass."""
+    theta, lo, hi = cat
+    ok = np.all(np.isfinite(theta), axis=1)
+    chi2_cat = np.full(len(theta), np.nan)
+    chi2_cat[ok] = resim_chi2(resimulate(catalogs.to_initial_mass(theta[ok]), obs["distance_mpc"][ok]),
+                              obs["flux_mjy"][ok], sigma[ok])
+    modes_c, q_c = summ["modes"][:, :, CURRENT_MASS], summ["quantiles"][:, :, CURRENT_MASS]
+    res = {"map": modes_c[:, 0], "closest": closest_mode(modes_c, theta), "mle": theta, "mle_lo": lo,
+           "mle_hi": hi, "quantiles": q_c, "nu": 5, "chi2_map": chi2_map, "chi2_mle": chi2_cat}
+    res.update(inlier_fractions(theta, lo, hi, q_c, modes_c[:, 0]))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: loading, sampling, writing
+
+OBS_KEYS = ("x", "flux_mjy", "rel_err", "distance_mpc")
+
+
+def load_obs(path, n=None, need_theta=False):
+    """An observation file (SPEC.md Sect. 4), checked (checks.observations), its first n rows; with need_theta
+    its true theta must be known. Rows with fluxes no cluster of the prior can have are counted on stderr."""
+    obs = load_npz(path)
+    N = checks.observations(obs, path)
+    if need_theta:
+        if "theta" not in obs or np.shape(obs["theta"]) != (N, 3):
+            raise checks.InputError(f"{path}: needs key 'theta' of shape ({N}, 3), the true parameters")
+        bad = ~np.all(np.isfinite(obs["theta"][:n]), axis=1)
+        if bad.any():
+            raise checks.InputError(f"{path}: true theta is NaN in rows {np.flatnonzero(bad)[:10].tolist()}; this "
+                                    "diagnostic needs simulated test clusters with known parameters")
+    n = N if n is None else min(int(n), N)
+    out = {k: (v[:n] if isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == N else v) for k, v in obs.items()}
+    far = checks.flux_outside_model(out["flux_mjy"])
+    if far.any():
+        print(f"{path}: {far.sum()} of {n} clusters have fluxes no cluster of the prior can have at 1-30 Mpc "
+              f"(rows {np.flatnonzero(far)[:5].tolist()}); their posteriors sit on the prior's edges", file=sys.stderr)
+    return out
+
+
+def load_model(path, device=None, threads=None):
+    """The trained cINN (cinn.load), with torch on `threads` CPU threads (default: 1 unless OMP_NUM_THREADS)."""
+    if path is None:
+        raise ValueError("this subcommand needs --model (a cINN checkpoint or run directory)")
+    torch.set_num_threads(threads or int(os.environ.get("OMP_NUM_THREADS", "1")))
+    return cinn.load(path, device=device)
+
+
+def draw_samples(model, x, n_samples, seed, chunk=256, label="posterior samples"):
+    """Posterior samples (N, n_samples, 3) float32 from model.sample in chunks of clusters, with a progress
+    line; chunk seeds come from np.random.default_rng(seed): the same seed and chunk give identical samples."""
+    x = np.asarray(x)
+    seeds = np.random.default_rng(seed).integers(0, 2 ** 62, size=max(1, -(-len(x) // chunk)))
+    out = np.empty((len(x), n_samples, 3), dtype=np.float32)
+    progress = Progress(len(x), label)
+    for k, i in enumerate(range(0, len(x), chunk)):
+        out[i:i + chunk] = model.sample(x[i:i + chunk], n_samples, seed=int(seeds[k]))
+        progress.update(min(i + chunk, len(x)))
+    return out
+
+
+def samples_and_summary(args, obs, model):
+    """Posterior samples and their summary (modes + quantiles) for the CLI, with progress lines."""
+    samples = draw_samples(model, obs["x"], args.samples, args.seed)
+    summ = summarize(samples, args.bandwidth, 3, args.kernel, progress=Progress(len(samples), "modes").update)
+    return samples, summ
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def write_json(path, obj):
+    """obj as indented JSON at path (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _outdir(path):
+    return checks.output_dir(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: the subcommands (each computes with the library, writes, plots and prints)
+
+def cmd_sbc(args):
+    """SBC on held-out simulations: ranks of the truth among L posterior samples for T1..T6 (Fig. 3)."""
+    obs = load_obs(args.obs, args.n, need_theta=True)
+    samples = draw_samples(load_model(args.model, args.device), obs["x"], args.L, args.seed, label="SBC samples")
+    res = sbc_check(samples, obs["theta"], args.alpha, rng=np.random.default_rng(args.seed + 1))
+    out = _outdir(args.out)
+    save_npz(out / "sbc.npz", ranks=res["ranks"], L=args.L, z=res["z"], ecdf_diff=res["ecdf_diff"],
+             band_simultaneous_lo=res["band_simultaneous"][0], band_simultaneous_hi=res["band_simultaneous"][1],
+             band_pointwise_lo=res["band_pointwise"][0], band_pointwise_hi=res["band_pointwise"][1],
+             stat_names=np.array(STAT_NAMES), seed=args.seed)
+    write_json(out / "sbc.json", res["summary"])
+    plots.plot_sbc(out / "sbc.png", res)
+    print(format_sbc(res["summary"]) + f"\nwrote {out}/sbc.npz, sbc.json, sbc.png")
+    return res["summary"]
+
+
+def format_sbc(summ):
+    """sbc_summary as a table in text."""
+    lines = [f"SBC: {summ['n_pairs']} test clusters, L = {summ['L']}, band: simultaneous {1 - summ['alpha']:.0%} "
+             f"(pointwise {summ['alpha'] / 2:.2f}-{1 - summ['alpha'] / 2:.2f} binomial band also given)",
+             f"{'statistic':22s} {'max|ECDF-U|':>11s} {'inside sim.':>11s} {'inside pw.':>10s}"]
+    lines += [f"{s['name']:22s} {s['max_abs_ecdf_diff']:11.4f} {str(s['inside_simultaneous_band']):>11s} "
+              f"{str(s['inside_pointwise_band']):>10s}" for s in summ["statistics"]]
+    lines.append(f"simultaneous band half-width ~ {summ['statistics'][0]['simultaneous_band_halfwidth_max']:.4f}; "
+                 f"all inside: {summ['all_inside_simultaneous']}")
+    return "\n".join(lines)
+
+
+def cmd_ppc(args):
+    """Posterior predictive check (Fig. 4)."""
+    obs = load_obs(args.obs, args.n)
+    samples = draw_samples(load_model(args.model, args.device), obs["x"], args.samples, args.seed, label="PPC samples")
+    rng = np.random.default_rng(args.seed + 1)
+    parts = [ppc(samples[i:i + 100], obs["flux_mjy"][i:i + 100], obs["rel_err"][i:i + 100],
+                 obs["distance_mpc"][i:i + 100], rng) for i in range(0, len(samples), 100)]   # (100, S, 5) at a time
+    res = {k: np.concatenate([p[k] for p in parts]) for k in ("pred_mean", "pred_q", "rank", "chi2_mean", "sigma")}
+    res["n_samples"] = args.samples
+    summ = ppc_summary(res, obs["flux_mjy"])
+    out = _outdir(args.out)
+    save_npz(out / "ppc.npz", flux_obs_mjy=obs["flux_mjy"], rel_err=obs["rel_err"], pred_mean_mjy=res["pred_mean"],
+             pred_q_mjy=res["pred_q"], rank=res["rank"], chi2_mean=res["chi2_mean"], n_samples=args.samples,
+             bands=np.array(BANDS), seed=args.seed)
+    write_json(out / "ppc.json", summ)
+    plots.plot_ppc(out / "ppc.png", obs["flux_mjy"], res)
+    print(f"PPC: {summ['n_clusters']} clusters, {args.samples} posterior samples each, re-simulated with the "
+          f"log-normal noise model at the observed sigma\n"
+          f"{'band':6s} {'med log10(pred/obs)':>20s} {'MAD':>7s} {'obs in 68%':>10s} {'obs in 95%':>10s}")
+    for b, name in enumerate(BANDS):
+        print(f"{name:6s} {summ['median_log10_pred_over_obs'][b]:20.4f} {summ['mad_log10_pred_over_obs'][b]:7.4f} "
+              f"{summ['share_obs_in_central_68'][b]:10.3f} {summ['share_obs_in_central_95'][b]:10.3f}")
+    print(f"median chi^2 (Eq. 11, nu = 5) of the mean prediction: {summ['median_chi2_mean_prediction']:.3f}; "
+          f"wrote {out}/ppc.npz, ppc.json, ppc.png")
+    return summ
+
+
+def cmd_modes(args):
+    """Posterior samples -> mean-shift modes, MAP, 16/50/84 % quantiles, the densest sample -> posterior .npz."""
+    obs = load_obs(args.obs, args.n)
+    if args.samples_file:
+        samples = load_npz(args.samples_file, required=("samples",))["samples"][:len(obs["x"])]
+        summ = summarize(samples, args.bandwidth, 3, args.kernel, progress=Progress(len(samples), "modes").update)
+    else:
+        samples, summ = samples_and_summary(args, obs, load_model(args.model, args.device))
+    arrays = dict(modes=summ["modes"], mode_density=summ["mode_density"], n_modes=summ["n_modes"],
+                  quantiles=summ["quantiles"], quantile_levels=np.array(QUANTILE_LEVELS),
+                  param_names=np.array(preprocess.THETA_NAMES), kernel=args.kernel, seed=args.seed,
+                  densest=densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]),
+                  **({"id": obs["id"]} if "id" in obs else {}), **({"samples": samples} if args.save_samples else {}))
+    out = Path(args.out)
+    save_npz(out, **arrays)
+    plots.plot_modes(out.with_suffix(".png"), samples, summ)
+    nm = np.bincount(summ["n_modes"], minlength=4)[1:]
+    print(f"modes: {len(samples)} clusters, {samples.shape[1]} samples each, kernel {args.kernel}; clusters with "
+          f"1 / 2 / 3 modes: {nm[0]} / {nm[1]} / {nm[2]}")
+    if "theta" in obs and np.all(np.isfinite(obs["theta"])):
+        err = np.median(np.abs(summ["modes"][:, 0] - obs["theta"]), 0)
+        cover = np.mean((obs["theta"] >= summ["quantiles"][:, 0]) & (obs["theta"] <= summ["quantiles"][:, 2]), 0)
+        for p, name in enumerate(preprocess.THETA_NAMES):
+            print(f"  {name:14s} median |MAP - true| {err[p]:.4f}, truth in 16-84 %: {cover[p]:.3f} (0.68 expected)")
+    print(f"wrote {out}, {out.with_suffix('.png')}")
+    return summ
+
+
+def cmd_compare(args):
+    """cINN vs maximum-likelihood fits: chi^2 (Eq. 11, Fig. 8), Table 1 inliers, Fig. 6, Fig. B.3."""
+    obs = load_obs(args.obs, args.n)
+    if args.mle:
+        mle = {k: v[:len(obs["x"])] if isinstance(v, np.ndarray) and v.ndim else v
+               for k, v in load_npz(args.mle).items()}
+    else:
+        mle = grid_posterior.mle(obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
+    th, lo, hi = mle_theta(mle)
+    if len(th) != len(obs["x"]):
+        raise ValueError(f"{args.mle}: {len(th)} MLE rows but {len(obs['x'])} clusters in {args.obs}")
+    if args.summary:
+        s = load_npz(args.summary, required=("modes", "quantiles"))
+        summ = {"modes": s["modes"][:len(th)], "quantiles": s["quantiles"][:len(th)]}
+    else:
+        summ = samples_and_summary(args, obs, load_model(args.model, args.device))[1]
+    res = compare_with_mle(summ, th, lo, hi, obs, args.nu)
+    summary = dict(compare_summary(res, th), mle_source=args.mle or "grid_posterior.mle")
+    out = _outdir(args.out)
+    save_npz(out / "compare.npz", **{k: np.asarray(v) for k, v in res.items()}, seed=args.seed)
+    write_json(out / "compare.json", summary)
+    plots.plot_compare(str(out / "compare"), res)
+    print(f"compare: {len(th)} clusters, MLE from {summary['mle_source']}; chi^2 of Eq. 11 with nu = {res['nu']}\n"
+          f"median chi^2: MAP {summary['median_chi2_map']:.3f}, MLE {summary['median_chi2_mle']:.3f}; MAP chi^2 <= "
+          f"MLE chi^2 for {summary['share_chi2_map_below_mle']:.1%}\n"
+          f"{'parameter':14s} {'MLE in cINN 16-84%':>19s} {'MAP in MLE 1sig':>16s} {'med|MAP-MLE|':>13s}")
+    for p, name in enumerate(preprocess.THETA_NAMES):
+        print(f"{name:14s} {res['mle_in_cinn'][p]:19.1%} {res['map_in_mle'][p]:16.1%} "
+              f"{summary['median_abs_map_minus_mle'][name]:13.4f}")
+    print(f"wrote {out}/compare.npz, compare.json, compare_map_vs_mle.png, compare_chi2.png, compare_width.png")
+    return summary
 
 
 def _load_exact_reference(path, theta):
     """The exact-posterior part of an earlier `exact` run (its exact.npz) on the same clusters: the grid
     posteriors do not depend on the cINN, so comparing another model need not recompute them."""
-    import simulate
-    keys = ("logp_exact", "map_exact", "quantiles_exact", "map_exact_meanshift", "theta_true")
-    ref = simulate.load_npz(path, required=keys)
+    ref = load_npz(path, required=EXACT_KEYS + ("theta_true",))
     if ref["theta_true"].shape != theta.shape or not np.allclose(ref["theta_true"], theta, rtol=0, atol=1e-12):
         raise ValueError(f"{path}: its theta_true ({ref['theta_true'].shape[0]} clusters) is not that of the "
                          f"first {len(theta)} clusters of --obs; use the same --obs and --n as the run that wrote it")
-    ref.setdefault("map_exact_meanshift_2", np.full_like(ref["map_exact_meanshift"], np.nan))   # older files
-    log(f"  exact posteriors: reused from {path} (no example figure)")
-    return ref
+    return {k: ref[k] for k in EXACT_KEYS}
 
 
 def cmd_exact(args):
-    """Accuracy against the exact grid posterior (grid_posterior.py) on simulated test clusters:
-    KL estimate mean(log p_exact(theta_true|x) - log q_cINN(theta_true|x)) +- SE, 16-84 % width ratios,
-    share of cINN MAPs within 0.1 dex in age of the exact MAP, share of cINN samples below the mass floor
-    (where the exact density is zero); Fig. 5 style example marginals.
-
-    The exact MAP is the grid posterior's density maximum (post['map']); the cINN MAP is the densest
-    mean-shift mode of its samples; beside it, the cINN sample of highest exact density (densest_sample). As a
-    same-estimator check, the mean-shift MAP of 1e4 exact samples (grid_posterior.sample_posterior) is compared
-    too, and the exact density at each MAP below the exact MAP's (map_density_gap: a miss in age with a small
-    gap is a flat-topped posterior, a large gap another mode). Widths: 16-84 % of the cINN samples over the grid
-    posterior's 16-84 % marginal quantiles."""
-    import simulate
+    """Accuracy against the exact grid posterior on simulated test clusters (exact_summary); Fig. 5 examples."""
     obs = load_obs(args.obs, args.n, need_theta=True)
     model = load_model(args.model, args.device)
-    n = len(obs["x"])
-    theta = obs["theta"]
-    logq = np.asarray(model.log_prob(theta, obs["x"]), dtype=float)                  # age bins (cinn.py)
-    logq_flow = np.asarray(model.log_prob(theta, obs["x"], age_bins=False), dtype=float)   # the flow alone
-    samples, summ = _summary_or_run(args, obs, model)
+    logq = np.asarray(model.log_prob(obs["theta"], obs["x"]), dtype=float)
+    logq_flow = model.flow_log_prob(obs["theta"], obs["x"]) if model.method == "refined" else logq
+    samples, summ = samples_and_summary(args, obs, model)
     if args.reuse_exact:
-        ref, grids = _load_exact_reference(args.reuse_exact, theta), []
+        ref, grids, examples = _load_exact_reference(args.reuse_exact, obs["theta"]), [], []
     else:
-        ref, grids = exact_reference(obs, samples, args)
-    logp, map_exact, q_exact, ms_exact = (ref[k] for k in ("logp_exact", "map_exact", "quantiles_exact",
-                                                            "map_exact_meanshift"))
-    ok = np.isfinite(logp)                 # clusters whose exact posterior could be computed
-    kl, kl_se = kl_estimate(logp, logq)
-    kl_flow, kl_flow_se = kl_estimate(logp, logq_flow)
-    ratio = (summ["quantiles"][:, 2] - summ["quantiles"][:, 0]) / (q_exact[:, 2] - q_exact[:, 0])
-    dage = np.abs(summ["modes"][:, 0, 0] - map_exact[:, 0])
-    dage_ms = np.abs(summ["modes"][:, 0, 0] - ms_exact[:, 0])
-    dage_exact_ms = np.abs(ms_exact[:, 0] - map_exact[:, 0])
-    map_dense = densest_sample(samples, obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"])
-    dage_dense = np.abs(map_dense[:, 0] - map_exact[:, 0])
-    f_, r_, d_ = obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]
-    gap = map_density_gap(summ["modes"][:, 0], map_exact, f_, r_, d_)        # nats below the exact MAP
-    gap_exact_ms = map_density_gap(ms_exact, map_exact, f_, r_, d_)
-    import preprocess
-    below = preprocess.below_floor(samples, obs["x"][:, None, :])     # outside the noise model's support
-    res = {"n_clusters": n, "n_exact_failed": int(np.sum(~ok)), "n_samples": samples.shape[1],
-           "share_cinn_samples_below_mass_floor": float(below.mean()),
-           "kl_mean_nats": kl, "kl_se_nats": kl_se,
-           "kl_median_nats": float(np.nanmedian(logp - logq)),
-           "kl_mean_nats_flow_without_age_bins": kl_flow, "kl_se_nats_flow_without_age_bins": kl_flow_se,
-           "kl_by_distance_to_prior_bounds": kl_near_prior_bounds(logp, logq, theta),
-           "kl_by_height_above_mass_floor_dex": kl_by_floor_height(logp, logq, theta, obs["x"]),
-           "n_logq_not_finite": int(np.sum(~np.isfinite(logq))),
-           "n_logp_not_finite": int(np.sum(~np.isfinite(logp))),
-           "median_width_ratio_cinn_over_exact": dict(zip(PARAM_NAMES, np.nanmedian(ratio, 0))),
-           "share_width_ratio_within_20pc": dict(zip(PARAM_NAMES, np.mean(np.abs(ratio[ok] - 1) <= 0.2, 0))),
-           "share_map_within_0p1_dex_age": float(np.mean(dage[ok] <= 0.1)),
-           "share_densest_cinn_sample_within_0p1_dex_age": float(np.mean(dage_dense[ok] <= 0.1)),
-           "median_map_density_gap_nats": float(np.nanmedian(gap[ok])),
-           "share_map_density_within_0p5_nat_of_exact_map": float(np.mean(gap[ok] <= 0.5)),
-           "share_map_within_0p1_dex_age_or_0p5_nat": float(np.mean((dage[ok] <= 0.1) | (gap[ok] <= 0.5))),
-           "share_meanshift_of_exact_samples_within_0p1_dex_age_or_0p5_nat": float(np.mean(
-               (dage_exact_ms[ok] <= 0.1) | (gap_exact_ms[ok] <= 0.5))),
-           "share_any_cinn_mode_within_0p1_dex_age": float(np.mean(
-               np.nanmin(np.abs(summ["modes"][ok, :, 0] - map_exact[ok, :1]), axis=1) <= 0.1)),
-           "share_map_within_0p1_dex_age_vs_meanshift_of_exact_samples": float(np.mean(dage_ms[ok] <= 0.1)),
-           "share_meanshift_of_exact_samples_within_0p1_dex_of_grid_map": float(np.mean(dage_exact_ms[ok] <= 0.1)),
-           "share_meanshift_of_two_exact_sample_sets_within_0p1_dex": _share_within(   # NaN: not in a reused file
-               ref["map_exact_meanshift_2"][ok, 0], ms_exact[ok, 0], 0.1),
-           "median_abs_map_diff": dict(zip(PARAM_NAMES, np.nanmedian(np.abs(summ["modes"][:, 0] - map_exact), 0))),
-           "truth_in_cinn_16_84": dict(zip(PARAM_NAMES, np.mean((theta >= summ["quantiles"][:, 0])
-                                                               & (theta <= summ["quantiles"][:, 2]), 0))),
-           "truth_in_exact_16_84": dict(zip(PARAM_NAMES, np.mean((theta[ok] >= q_exact[ok, 0])
-                                                                & (theta[ok] <= q_exact[ok, 2]), 0)))}
+        ref, grids, examples = exact_reference(obs, samples.shape[1], np.random.default_rng(args.seed + 1),
+                                               args.bandwidth, args.kernel, args.examples,
+                                               Progress(len(obs["x"]), "exact posteriors").update)
+    res = exact_summary(ref, logq, logq_flow, samples, summ, obs)
     out = _outdir(args.out)
-    simulate.save_npz(out / "exact.npz", logp_exact=logp, logq_cinn=logq, logq_flow=logq_flow,
-                      theta_true=theta,
-                      map_cinn=summ["modes"][:, 0], map_exact=map_exact, map_cinn_densest_sample=map_dense,
-                      map_exact_meanshift=ms_exact, map_exact_meanshift_2=ref["map_exact_meanshift_2"],
-                      map_density_gap=gap,
-                      modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], quantiles_exact=q_exact,
-                      seed=args.seed)
-    _write_json(out / "exact.json", res)
+    save_npz(out / "exact.npz", **ref, logq_cinn=logq, logq_flow=logq_flow, theta_true=obs["theta"],
+             map_cinn=summ["modes"][:, 0], modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], seed=args.seed)
+    write_json(out / "exact.json", res)
     if grids:
-        plot_exact_examples(samples[:len(grids)], grids, out / "exact_examples.png", truth=theta[:len(grids)])
-    _plot_exact_summary(res, logp - logq, ratio, dage[ok], out / "exact.png")
-    print(f"exact: {n} simulated test clusters ({res['n_exact_failed']} left out: exact posterior failed), "
-          f"{samples.shape[1]} cINN samples each")
-    print(f"  mean log p_exact - log q_cINN at the true theta: {kl:.4f} +- {kl_se:.4f} nats (KL estimate; "
-          f"median {res['kl_median_nats']:.4f}; the flow without the age-bin average: {kl_flow:.4f} +- "
-          f"{kl_flow_se:.4f})")
-    kb = res["kl_by_distance_to_prior_bounds"]
-    print(f"  of which truths within {NEAR_BOUND[0]} dex of the mass bounds or {NEAR_BOUND[1]} mag of the E(B-V) "
-          f"bounds: {kb['near'][0]} clusters, {kb['near'][1]:.3f} +- {kb['near'][2]:.3f} nats "
-          f"({kb['near_share_of_total']:.0%} of the mean); the other {kb['away'][0]}: "
-          f"{kb['away'][1]:.3f} +- {kb['away'][2]:.3f}")
-    print("  by the truth's height above its mass floor (dex): " + "; ".join(
-        f"{lab}: {n_} clusters, {m_:.3f} +- {se_:.3f} ({sh_:.0%})"
-        for lab, n_, m_, se_, sh_ in res["kl_by_height_above_mass_floor_dex"]))
-    print(f"  cINN samples below the mass floor (zero exact density: sigma_b > f_b / 2 in some band): "
-          f"{res['share_cinn_samples_below_mass_floor']:.2%}")
-    print("  16-84 % width ratio cINN/exact, median: " + ", ".join(
-        f"{k_}: {v:.3f}" for k_, v in res["median_width_ratio_cinn_over_exact"].items()))
-    print(f"  cINN MAP within 0.1 dex in age of the exact (grid) MAP: {res['share_map_within_0p1_dex_age']:.1%} "
-          f"(of the mean-shift MAP of exact samples: "
-          f"{res['share_map_within_0p1_dex_age_vs_meanshift_of_exact_samples']:.1%}; exact samples' own "
-          f"mean-shift MAP vs grid MAP: {res['share_meanshift_of_exact_samples_within_0p1_dex_of_grid_map']:.1%}; "
-          f"two independent sets of exact samples, mean-shift MAP vs mean-shift MAP: "
-          f"{res['share_meanshift_of_two_exact_sample_sets_within_0p1_dex']:.1%})")
-    print(f"  exact density at the cINN MAP below the exact MAP's (map_density_gap): median "
-          f"{res['median_map_density_gap_nats']:.2f} nats, within 0.5 nat for "
-          f"{res['share_map_density_within_0p5_nat_of_exact_map']:.1%}; within 0.1 dex in age or 0.5 nat: "
-          f"{res['share_map_within_0p1_dex_age_or_0p5_nat']:.1%} (exact samples' mean-shift MAP: "
-          f"{res['share_meanshift_of_exact_samples_within_0p1_dex_age_or_0p5_nat']:.1%}; a small gap with a "
-          f"large age difference is a posterior whose top is flat over > 0.1 dex, where the MAP age is undefined)")
-    print(f"  cINN sample of highest exact density (densest_sample: the network proposes, the likelihood "
-          f"ranks) within 0.1 dex in age of the exact MAP: {res['share_densest_cinn_sample_within_0p1_dex_age']:.1%}")
-    print(f"  any of the <= 3 cINN modes within 0.1 dex in age of the exact MAP: "
-          f"{res['share_any_cinn_mode_within_0p1_dex_age']:.1%} (ridge-like posteriors have near-equal modes)")
-    print("  truth inside 16-84 %: cINN " + ", ".join(f"{v:.3f}" for v in res["truth_in_cinn_16_84"].values())
-          + "; exact " + ", ".join(f"{v:.3f}" for v in res["truth_in_exact_16_84"].values()) + " (0.68 expected)")
-    print(f"wrote {out}/exact.npz, exact.json, exact.png" + (", exact_examples.png" if grids else ""))
+        plots.plot_exact_examples(out / "exact_examples.png", samples[:len(grids)], grids, obs["theta"][:len(grids)])
+    ratio = (summ["quantiles"][:, 2] - summ["quantiles"][:, 0]) / (ref["quantiles_exact"][:, 2] - ref["quantiles_exact"][:, 0])
+    plots.plot_exact_summary(out / "exact.png", res["kl_mean_nats"], ref["logp_exact"] - logq, ratio,
+                             np.abs(summ["modes"][:, 0, 0] - ref["map_exact"][:, 0]))
+    print(format_exact(res) + f"\nwrote {out}/exact.npz, exact.json, exact.png" + (", exact_examples.png" if grids else ""))
     return res
 
 
-def _exact_marginals(post, exact_samples, cinn_samples, bins=80):
-    """Marginal densities of the exact posterior for plotting: age from the grid's P(k) (as a density in
-    log10 t'), mass and E(B-V) as histograms of many exact samples (the grid cells vary in size)."""
-    g = {}
-    pmf = np.asarray(post["age_pmf"])
-    k = np.arange(1, len(pmf) + 1)
-    lo_, hi_ = np.percentile(np.concatenate([exact_samples[:, 0], cinn_samples[:, 0]]), [0.1, 99.9])
-    edges = np.linspace(lo_, hi_, bins + 1)
-    # P(log10 t' in bin) = sum_k P(k) * overlap of [k-1/2, k+1/2] with the bin in t, per unit of log10 t'
-    t_edges = 10.0 ** edges
-    cdf_k = np.concatenate([[0.0], np.cumsum(pmf)])
-    def cdf_t(t):                                      # CDF of t' (uniform within each 1 Myr cell)
-        t = np.clip(t, 0.5, len(pmf) + 0.5)
-        j = np.minimum(np.floor(t - 0.5).astype(int), len(pmf) - 1)   # cell j covers [j + 1/2, j + 3/2]
-        return cdf_k[j] + pmf[j] * (t - 0.5 - j)
-    g["x0"], g["p0"] = 0.5 * (edges[1:] + edges[:-1]), np.diff(cdf_t(t_edges)) / np.diff(edges)
-    for p in (1, 2):
-        lo_, hi_ = np.percentile(np.concatenate([exact_samples[:, p], cinn_samples[:, p]]), [0.1, 99.9])
-        dens, e = np.histogram(exact_samples[:, p], bins=bins, range=(lo_, hi_), density=True)
-        g[f"x{p}"], g[f"p{p}"] = 0.5 * (e[1:] + e[:-1]), dens
-    return g
+def format_exact(res):
+    """exact_summary as text lines."""
+    kb = res["kl_by_distance_to_prior_bounds"]
+    pct = lambda d: ", ".join(f"{k}: {v:.3f}" for k, v in d.items())
+    return "\n".join([
+        f"exact: {res['n_clusters']} simulated test clusters ({res['n_exact_failed']} left out: exact posterior "
+        f"failed), {res['n_samples']} cINN samples each",
+        f"  KL estimate, mean log p_exact - log q at the true theta: {res['kl_mean_nats']:.4f} +- "
+        f"{res['kl_se_nats']:.4f} nats (median {res['kl_median_nats']:.4f}; the flow alone: "
+        f"{res['kl_flow_mean_nats']:.4f} +- {res['kl_flow_se_nats']:.4f})",
+        f"  truth within {NEAR_BOUND[0]} dex of the mass bounds or {NEAR_BOUND[1]} mag of the E(B-V) bounds: "
+        f"{kb['near'][0]} clusters, {kb['near'][1]:.3f} +- {kb['near'][2]:.3f} nats ({kb['near_share_of_total']:.0%}"
+        f" of the mean); the other {kb['away'][0]}: {kb['away'][1]:.3f} +- {kb['away'][2]:.3f}",
+        "  by the truth's height above its mass floor (dex): " + "; ".join(
+            f"{lab}: {n_} clusters, {m_:.3f} +- {se_:.3f} ({sh_:.0%})"
+            for lab, n_, m_, se_, sh_ in res["kl_by_height_above_mass_floor_dex"]),
+        f"  cINN samples outside the noise model's support: {res['share_cinn_samples_below_mass_floor']:.2%}",
+        "  16-84 % width ratio cINN/exact, median: " + pct(res["median_width_ratio_cinn_over_exact"]),
+        f"  cINN MAP within 0.1 dex in age of the exact MAP: {res['share_map_within_0p1_dex_age']:.1%} (the "
+        f"mean-shift MAP of as many exact samples: {res['share_exact_sample_map_within_0p1_dex_age']:.1%})",
+        "  truth inside 16-84 %: cINN " + pct(res["truth_in_cinn_16_84"]) + "; exact " + pct(res["truth_in_exact_16_84"])])
 
 
-def _plot_exact_summary(res, dlog, ratio, dage, path):
-    """Histograms of log p - log q, of the width ratios and of the age MAP differences."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    d = dlog[np.isfinite(dlog)]
-    axes[0].hist(d, bins=40, color="0.5")
-    axes[0].axvline(res["kl_mean_nats"], color="C3", label=f"mean {res['kl_mean_nats']:.3f} nats")
-    axes[0].set_xlabel(r"$\log p_\mathrm{exact}(\theta_\mathrm{true}|x) - \log q_\mathrm{cINN}$ [nats]")
-    axes[0].set_ylabel("number of clusters")
-    axes[0].legend(fontsize=8)
-    for p in range(3):
-        r = ratio[:, p][np.isfinite(ratio[:, p]) & (ratio[:, p] > 0)]
-        axes[1].hist(np.log10(r), bins=40, histtype="step", label=PARAM_LABELS[p])
-    axes[1].axvline(0, color="k", lw=0.7)
-    axes[1].set_xlabel(r"$\log_{10}$ (cINN / exact 16-84 % width)")
-    axes[1].legend(fontsize=8)
-    axes[2].hist(np.log10(np.maximum(dage, 1e-4)), bins=40, color="0.5")
-    axes[2].axvline(-1, color="C3", label="0.1 dex")
-    axes[2].set_xlabel(r"$\log_{10}$ |MAP$_\mathrm{cINN}$ - MAP$_\mathrm{exact}$| in log age [dex]")
-    axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def cmd_catalog(args):
+    """A catalogue through a trained cINN (catalog_results): OUT.ecsv and OUT.fits (the result table),
+    OUT_obs.npz (the observations fed to the cINN), OUT_inliers.ecsv (Table 1) and, unless --no-figures,
+    the Fig. 6 / 8 / B.3 figures against the grid MLE and the catalogue and example posteriors."""
+    out = Path(args.out)
+    stem = out.with_suffix("") if out.suffix.lower() in (".ecsv", ".fits") else out
+    obs, est, reports = catalogs.read_many(args.input, args.format, args.distance, args.columns)
+    model = load_model(args.model, args.device)
+    post = catalog_posteriors(model, obs["x"], args.samples, args.seed, obs,
+                              progress=Progress(len(obs["x"]), "posteriors (samples, modes, quantiles)").update)
+    res = catalog_results(obs, est, post, args.format, with_mle=not args.no_mle)
+    res["table"].meta.update({"model": str(args.model), "samples": int(args.samples), "seed": int(args.seed),
+                              "inputs": [str(p) for p in args.input], "format": args.format})
+    written = [stem.with_suffix(".ecsv"), stem.with_suffix(".fits")]
+    for path in written:
+        catalogs.write_table_atomic(res["table"], path)
+    save_npz(f"{stem}_obs.npz", **{k: v for k, v in obs.items() if k != "field"}, field=obs["field"].astype(str))
+    for suffix, table in (("_inliers.ecsv", res["inliers"]), ("_inliers_by_field.ecsv", res["by_field"])):
+        if table is not None:
+            catalogs.write_table_atomic(table, Path(f"{stem}{suffix}"))
+            written.append(f"{stem}{suffix}")
+    if not args.no_figures:
+        written += _catalog_figures(stem, post["examples"], res)
+    _print_catalog(obs, reports, res, written)
+    return res["table"]
+
+
+def _catalog_figures(stem, examples, res):
+    """The catalogue run's figures; returns their names."""
+    names = []
+    if res["res_grid"] is not None:
+        plots.plot_compare(f"{stem}_vs_grid_mle", res["res_grid"])
+        names.append(f"{stem}_vs_grid_mle_{{map_vs_mle,chi2,width}}.png")
+    if res["res_cat"] is not None:
+        labels = (plots.PARAM_LABELS[0], plots.MSTAR_LABEL, plots.PARAM_LABELS[2])
+        plots.plot_compare(f"{stem}_vs_catalogue", res["res_cat"], labels)
+        names.append(f"{stem}_vs_catalogue_{{map_vs_mle,chi2,width}}.png")
+    _, samples, summ3 = examples                       # the most multimodal clusters first
+    plots.plot_modes(f"{stem}_examples.png", samples, summ3)
+    return names + [f"{stem}_examples.png"]
+
+
+def _print_catalog(obs, reports, res, written):
+    if len(reports) > 1:
+        print(f"all inputs: {sum(r['rows'] for r in reports)} rows, kept {len(obs['id'])}")
+    if res["inliers"] is not None:
+        print(catalogs.format_inliers(res["inliers"]))
+    t = res["table"]
+    print("flagged (kept): " + ", ".join(f"{k} {int(np.count_nonzero(obs['flags'] & b))}"
+                                          for k, b in catalogs.FLAG_BITS.items()))
+    print(f"median chi2_resim (Eq. 11, nu = 5): cINN MAP {np.nanmedian(res['chi2_map']):.2f}"
+          + (f", grid MLE {np.nanmedian(t['chi2_resim_mle']):.2f}" if "chi2_resim_mle" in t.colnames else "")
+          + (f", catalogue {np.nanmedian(t['chi2_resim_cat']):.2f}" if "chi2_resim_cat" in t.colnames else ""))
+    print(f"wrote {', '.join(str(w) for w in written)} ({len(t)} clusters)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: the parser
+
+def _common(p, n_default, samples_default=None, needs_model=True):
+    p.add_argument("--model", required=needs_model, default=None, help="cINN checkpoint (model.pt) or run directory")
+    p.add_argument("--obs", required=True, help="observation .npz (SPEC.md Sect. 4), e.g. runs/quick/data/test.npz")
+    p.add_argument("--n", type=int, default=n_default, help=f"use the first N clusters (default: {n_default or 'all'})")
+    if samples_default:
+        p.add_argument("--samples", type=int, default=samples_default,
+                       help=f"posterior samples per cluster (default {samples_default})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
+    p.add_argument("--device", default=None, help="torch device for the cINN (default: cuda if available)")
+    p.add_argument("--out", required=True, help="output directory (modes: output .npz)")
+
+
+def _mode_args(p):
+    p.add_argument("--kernel", choices=("gaussian", "flat"), default="gaussian",
+                   help="mean-shift kernel (flat = scikit-learn's ball kernel)")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="mean-shift bandwidth in standardised units (default: Silverman's rule)")
+
+
+def _catalog_parser(sub):
+    p = sub.add_parser("catalog", help="a trained cINN on a real (or synthetic) cluster catalogue -> result table",
+                       description="Read PHANGS, LEGUS or any astropy table, select classes 1-2 with valid photometry "
+                                   "in all five bands, and write per cluster the MAP and up to three modes, 16/50/84 "
+                                   "%% quantiles (log age, log initial mass, log current stellar mass, E(B-V)), the "
+                                   "re-simulation chi^2 (Eq. 11) and training-domain flags (.ecsv and .fits), Table 1 "
+                                   "and figures against the grid MLE and the catalogue's own estimates.")
+    p.add_argument("--input", nargs="+", required=True, help="catalogue file(s); several are concatenated")
+    p.add_argument("--format", choices=("phangs", "legus", "table"), required=True)
+    p.add_argument("--distance", default=None, help="Mpc, or a table with columns name, distance_mpc (the galaxy "
+                                                    "is taken from each file name)")
+    p.add_argument("--columns", default=None, help="for --format table: flux_F275W=COL,err_F275W=COL,... for all "
+                                                   "five bands (mJy unless the column has a unit); optional id, ra, "
+                                                   "dec, class, distance, age_myr, mass, ebv, *_err")
+    p.add_argument("--model", required=True, help="cINN checkpoint or run directory holding model.pt")
+    p.add_argument("--out", required=True, help="result table path; .ecsv and .fits are both written")
+    p.add_argument("--samples", type=int, default=10000, help="posterior samples per cluster (paper: 1e4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical tables)")
+    p.add_argument("--device", default=None, help="torch device for the cINN (default: cuda if available)")
+    p.add_argument("--no-mle", action="store_true", help="skip the grid MLE (grid_posterior.mle)")
+    p.add_argument("--no-figures", action="store_true")
+    p.set_defaults(func=cmd_catalog)
 
 
 def build_parser():
-    """argparse parser with the subcommands; `catalog` is registered by catalogs.py when it imports."""
-    ap = argparse.ArgumentParser(
-        description="Diagnostics of cINN star-cluster posteriors (Walter et al. 2026, Sect. 3): SBC, PPC, modes, "
-                    "comparison with MLEs, accuracy against the exact grid posterior, throughput. Each "
-                    "subcommand prints a summary and writes .npz/.json numbers and a PNG figure.")
+    """argparse parser with the subcommands."""
+    ap = argparse.ArgumentParser(description="Diagnostics of cINN star-cluster posteriors (Walter et al. 2026, "
+                                             "Sect. 3) and the catalogue run. Each subcommand prints a summary and "
+                                             "writes .npz/.json numbers and PNG figures.")
     sub = ap.add_subparsers(dest="command", required=True)
-
-    def common(p, n_default, samples_default=None, needs_model=True):
-        p.add_argument("--model", required=needs_model, default=None,
-                       help="cINN checkpoint (model.pt) or run directory, e.g. runs/quick")
-        p.add_argument("--obs", required=True, help="observation .npz (DESIGN Sect. 4), e.g. runs/quick/test.npz")
-        p.add_argument("--n", type=int, default=n_default,
-                       help=f"use the first N clusters (default: {n_default or 'all'})")
-        if samples_default:
-            p.add_argument("--samples", type=int, default=samples_default,
-                           help=f"posterior samples per cluster (default {samples_default})")
-        p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical files)")
-        p.add_argument("--device", default=None, help="torch device for the cINN (default: cuda if available)")
-
-    def mode_args(p):
-        p.add_argument("--kernel", choices=("gaussian", "flat"), default="gaussian",
-                       help="mean-shift kernel (default gaussian; flat = scikit-learn's ball kernel)")
-        p.add_argument("--bandwidth", type=float, default=None,
-                       help="mean-shift bandwidth in standardised units (default: Silverman's rule, 0.26 for "
-                            "1e4 samples; flat kernel x sqrt(5))")
-
     p = sub.add_parser("sbc", help="simulation-based calibration: ranks, ECDF bands (Fig. 3)")
-    common(p, None)
+    _common(p, None)
     p.add_argument("--L", type=int, default=100, help="posterior samples per test pair (paper: 100)")
     p.add_argument("--alpha", type=float, default=0.02, help="band level: 0.02 = 0.01-0.99 band")
-    p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_sbc)
-
     p = sub.add_parser("ppc", help="posterior predictive check (Fig. 4)")
-    common(p, 1000, 500)
-    p.add_argument("--out", required=True, help="output directory")
+    _common(p, 1000, 500)
     p.set_defaults(func=cmd_ppc)
-
     p = sub.add_parser("modes", help="mean-shift modes, MAP, 16/50/84 %% quantiles -> posterior .npz")
-    common(p, None, 10000, needs_model=False)
-    mode_args(p)
-    p.add_argument("--samples-file", default=None, help="summarise existing samples (.npz with 'samples') "
-                                                       "instead of sampling the model")
+    _common(p, None, 10000, needs_model=False)
+    _mode_args(p)
+    p.add_argument("--samples-file", default=None, help="summarise the samples of this .npz instead")
     p.add_argument("--save-samples", action="store_true", help="also store the samples (N x S x 3 float32)")
-    p.add_argument("--out", required=True, help="output .npz (a PNG of example posteriors is written beside)")
     p.set_defaults(func=cmd_modes)
-
     p = sub.add_parser("compare", help="cINN vs MLE: chi^2 (Eq. 11), Table 1 inliers, Figs. 6, 8, B.3")
-    common(p, 1000, 10000, needs_model=False)
-    mode_args(p)
+    _common(p, 1000, 10000, needs_model=False)
+    _mode_args(p)
     p.add_argument("--mle", default=None, help=".npz with MLE columns age_myr (or log10_age_myr), log10_mass, ebv "
                                                "and *_lo/*_hi 1-sigma ranges; default: grid_posterior.mle")
     p.add_argument("--summary", default=None, help="modes .npz from `evaluate.py modes` (skips sampling)")
     p.add_argument("--nu", type=int, default=None, help="chi^2 normalisation of Eq. 11 (default: 5 bands)")
-    p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_compare)
-
     p = sub.add_parser("exact", help="accuracy against the exact grid posterior; Fig. 5 examples")
-    common(p, 200, 10000)
-    mode_args(p)
+    _common(p, 200, 10000)
+    _mode_args(p)
     p.add_argument("--examples", type=int, default=4, help="clusters shown in the Fig. 5 style figure")
-    p.add_argument("--reuse-exact", metavar="EXACT_NPZ",
-                   help="take the exact posteriors' summaries from an earlier run's exact.npz (same --obs, --n) "
-                        "instead of recomputing them: compares another model in minutes")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--reuse-exact", metavar="EXACT_NPZ", help="the exact posteriors' summaries from an earlier "
+                   "run's exact.npz (same --obs and --n): compares another model in minutes")
     p.set_defaults(func=cmd_exact)
-
-    p = sub.add_parser("throughput", help="posterior samples/s and clusters/s (samples + modes + quantiles)")
-    common(p, 100, 10000)
-    p.add_argument("--kernel", choices=("gaussian", "flat"), default="gaussian")
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_throughput)
-
-    try:                          # `catalog` lives in catalogs.py (helper E); optional here
-        import catalogs
-        catalogs.add_catalog_parser(sub)
-    except ImportError as exc:
-        log(f"(catalog subcommand unavailable: {exc})")
+    _catalog_parser(sub)
     return ap
+
+
+def check_args(args):
+    """The numbers and the output path of a subcommand, checked before any work (checks.py)."""
+    checks.seed(args.seed)
+    for name in ("n", "samples", "L"):
+        checks.count(f"--{name}", getattr(args, name, None))
+    checks.count("--examples", getattr(args, "examples", None), minimum=0)
+    if args.command == "modes":
+        checks.output_path(args.out, (".npz",))
+    elif args.command == "catalog":
+        out = Path(args.out)
+        checks.output_path(out if out.suffix else out.with_suffix(".ecsv"))
+    else:
+        checks.output_dir(args.out)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_args(args)
     return args.func(args)
 
 

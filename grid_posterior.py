@@ -1,7 +1,7 @@
 """Exact posterior of (age, mass, E(B-V)) on a parameter grid, and the CIGALE-style minimum-chi^2 fit.
 
 Walter et al. (2026) Sect. 3.2.2 / Fig. 5: without nuisance parameters the likelihood of the simulation model
-(DESIGN.md Sect. 3) is tractable, so p(theta | x) can be computed by quadrature. This is the project's ground truth.
+(SPEC.md Sect. 3) is tractable, so p(theta | x) can be computed by quadrature. This is the project's ground truth.
 
 Generative model (per cluster): integer age k in 1..n_age with P(k) from rounding t = 10^U, U ~ U[0, log10 n_age];
 label t' = k + U[-1/2, 1/2]; log10 m ~ U[2, 8]; E(B-V) ~ U[e_0, e_1] (table range). Per band: noiseless flux f at
@@ -45,21 +45,23 @@ Quadrature (vectorised, pruned with a rigorous bound):
 Accuracy (tests, bench_grid.py): quantiles converged to < 4e-3 dex / mag (resolution 1 -> 2), log Z to ~1e-2
 (least accurate where the support edge binds), marginal CDFs within 0.01 of an independent dense grid.
 
-Public API (CONTRACT.md): exact_posterior, log_density, log_map_density, sample_posterior, mle, CLI main().
+Public: dense_posterior (the definition), exact_posterior (the fast quadrature), marginal_cdf, posterior_quantiles,
+sample_posterior, log_likelihood, log_density, log_map_density, posterior_summaries (a file of clusters), mle;
+the command line main().
 """
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+import checks
+from simulate import BANDS, LOG_MASS_RANGE, PC10_IN_MPC, age_bin, load_npz, load_table, log_prior_age, save_npz
+
 LN10 = np.log(10.0)
-LOG_MASS_RANGE = (2.0, 8.0)
 LIKELIHOODS = ("exact", "no_sigma_factor", "no_2_over_f", "gaussian", "naive_lognormal")
 QUANTILES = (0.16, 0.50, 0.84)
-PARAM_LABELS = ("log$_{10}$(age / Myr)", "log$_{10}$(M$_0$ / M$_\\odot$)", "E(B$-$V) / mag")
 
 _PREP = {}
 
@@ -72,8 +74,7 @@ MAX_CELLS = 60_000_000     # exact_posterior: at most this many kept quadrature 
 def _table(table=None):
     """The model table: simulate.load_table() unless a dict with ebv_nodes and ln_flux (n_age, n_e, 5) is given."""
     if table is None:
-        import simulate
-        table = simulate.load_table()
+        table = load_table()
     key = id(table)
     if key not in _PREP or _PREP[key]["table"] is not table:
         a = np.ascontiguousarray(table["ln_flux"], dtype=np.float64)
@@ -85,17 +86,6 @@ def _table(table=None):
         # MAP in (log10 t', log10 m, E): density P(k) L t' ln 10 / Z at a cell centre t' = k
         _PREP[key]["map_age"] = _PREP[key]["log_prior_age"] + np.log(np.arange(1.0, a.shape[0] + 1))
     return _PREP[key]
-
-
-def log_prior_age(n_age):
-    """log P(k), k = 1..n_age: t = 10^U, U ~ U[0, log10 n_age], rounded to the nearest integer (DESIGN Sect. 3).
-
-    P(k) = [log10 min(k + 1/2, n_age) - log10 max(k - 1/2, 1)] / log10 n_age: P(1) = 0.043 for n_age = 13750,
-    and the last cell is half as wide as its neighbour.
-    """
-    k = np.arange(1, n_age + 1, dtype=np.float64)
-    p = (np.log10(np.minimum(k + 0.5, n_age)) - np.log10(np.maximum(k - 0.5, 1.0))) / np.log10(n_age)
-    return np.log(p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,6 +115,52 @@ def band_loglike(y, rstar, likelihood="exact"):
         if likelihood in ("exact", "gaussian", "no_2_over_f"):
             ll = np.where(y >= np.log(2.0 * r), ll, -np.inf)
     return np.where(np.isnan(ll), -np.inf, ll)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The definition: the posterior on a dense regular grid (exact_posterior below is the fast way to the same).
+
+def dense_posterior(flux_mjy, rel_err, distance_mpc, table=None, n_ebv=1201, mass_step=2e-3,
+                    mass_window=LOG_MASS_RANGE, likelihood="exact"):
+    """The posterior of one cluster by brute force: the definition that exact_posterior is tested against.
+
+    Every integer age k of the table with its prior P(k); n_ebv equally spaced E(B-V) over the table's range
+    (ln F linear between its nodes, as simulate.model_flux); log10 m in steps of mass_step over mass_window
+    (which must hold all of the posterior); the likelihood sum_b l(y_b) of band_loglike (the log-normal density
+    of f* with the factor p(sigma | f) = 2/f and the support edge sigma <= f/2); the trapezoid rule in E(B-V)
+    and mass. Time grows as n_age x n_ebv x n_mass: for small tables or narrow windows.
+
+    Returns:
+        dict log_z (the evidence, as exact_posterior's), age_pmf (n_age,), ebv and ebv_cdf, log10_mass and
+        mass_cdf (marginal CDFs at the grid points, trapezoid weights), quantiles (3, 3) of the marginals.
+    """
+    prep = _table(table)
+    f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
+    e = np.linspace(prep["e"][0], prep["e"][-1], n_ebv)
+    m = np.arange(max(mass_window[0], LOG_MASS_RANGE[0]), min(mass_window[1], LOG_MASS_RANGE[1]) + mass_step / 2,
+                  mass_step)
+    j = np.clip(np.searchsorted(prep["e"], e, side="right") - 1, 0, len(prep["e"]) - 2)
+    w = ((e - prep["e"][j]) / prep["de"][j])[:, None]
+    trapezoid = [np.diff(v).mean() * np.r_[0.5, np.ones(len(v) - 2), 0.5] for v in (e, m)]
+    weights = trapezoid[0][:, None] * trapezoid[1][None, :]
+    top, total, p_e, p_m = [], [], [], []
+    for k in range(prep["A"].shape[0]):                  # one age at a time: (n_ebv, n_mass) per step
+        ln_f = prep["A"][k, j] * (1.0 - w) + prep["A"][k, j + 1] * w
+        y = ln_f[:, None, :] + (m * LN10)[None, :, None] + _row_offsets(prep, f, d)
+        log_p = band_loglike(y, r, likelihood).sum(-1) + prep["log_prior_age"][k]
+        top.append(log_p.max())
+        p = np.exp(log_p - top[-1]) * weights if np.isfinite(top[-1]) else np.zeros_like(weights)
+        total.append(p.sum()), p_e.append(p.sum(1)), p_m.append(p.sum(0))
+    scale = np.exp(np.array(top) - max(top))[:, None]
+    age, p_e, p_m = np.array(total) * scale[:, 0], (np.array(p_e) * scale).sum(0), (np.array(p_m) * scale).sum(0)
+    width = (prep["e"][-1] - prep["e"][0]) * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0])
+    cdf_e, cdf_m = (np.cumsum(v) / v.sum() - v / (2 * v.sum()) for v in (p_e, p_m))
+    k_edges = np.arange(len(age) + 1) + 0.5
+    qs = np.asarray(QUANTILES)
+    quantiles = np.stack([np.log10(np.interp(qs, np.r_[0.0, np.cumsum(age) / age.sum()], k_edges)),
+                          np.interp(qs, cdf_m, m), np.interp(qs, cdf_e, e)])
+    return {"log_z": max(top) + np.log(age.sum()) - np.log(width), "age_pmf": age / age.sum(), "ebv": e,
+            "ebv_cdf": cdf_e, "log10_mass": m, "mass_cdf": cdf_m, "quantiles": quantiles}
 
 
 def _band_profile(rstar, likelihood):
@@ -204,13 +240,6 @@ def _combos(pieces, thr):
             "yhi": arr[:, :, 4]}
 
 
-def _centred_norm2(z, w):
-    """sum_b w_b (z_b - zbar)^2 with zbar the w-weighted mean, over the last axis."""
-    zbar = (z @ w) / w.sum()
-    zc = z - zbar[..., None]
-    return (zc * zc) @ w, zbar
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The exact posterior of one cluster.
 
@@ -231,7 +260,7 @@ def _check_obs(flux_mjy, rel_err, distance_mpc):
 
 def _row_offsets(prep, flux, dist):
     """off_b with y_b = ln F(k, e, b) + ln m + off_b (ln m = mu' is ln of the mass)."""
-    return 2.0 * np.log(1e-5 / dist) - np.log(flux)
+    return 2.0 * np.log(PC10_IN_MPC / dist) - np.log(flux)
 
 
 def _seed_lower_bound(prep, off, rstar, likelihood, n_best=40, n_screen=2000):
@@ -447,10 +476,9 @@ def _cols(op, x):
     return out
 
 
-EBV_OVERSAMPLE = 1.5   # sheared cells: E(B-V) cells per profile sd = EBV_OVERSAMPLE * resolution (see _rows)
-# 1.5 (3 cells per sd at the default resolution) since the thirteenth session; it was 3, which gave broad
-# posteriors two rows per 0.01 mag table segment instead of one: 2-3x their time (1.5x the mean over
-# bench_grid's 40 clusters) for the same quantiles to 2e-3 (README, Measured figures).
+EBV_OVERSAMPLE = 1.5   # sheared cells: E(B-V) cells per profile sd = EBV_OVERSAMPLE * resolution (see _rows);
+# 3 cells per sd at the default resolution: one row per 0.01 mag table segment on broad posteriors (3 gave two,
+# for 1.5x the mean time and the same quantiles to 2e-3; NOTEBOOK.md, "The exact grid posterior")
 
 
 def _rows(prep, off, scales, cmb, win, thr, seg, resolution, max_sub):
@@ -697,27 +725,6 @@ def _expand_cells(post, parts, n, rd, log_z, map_age):
     return row_prob, row_tent_ebv
 
 
-SMALL_PAGES = True    # exact_posterior allocates its arrays without NumPy's MADV_HUGEPAGE hint (see _small_pages)
-
-
-@contextlib.contextmanager
-def _small_pages():
-    """Context: NumPy's madvise(MADV_HUGEPAGE) on new large arrays off (restored on exit; no-op where NumPy lacks
-    the switch, or with SMALL_PAGES = False). A broad posterior writes ~2 GB of fresh arrays. On this project's
-    VM (transparent huge pages on madvise, free memory reported back to the host in 2 MB blocks) every fresh
-    huge page is a fresh host page: 143 MB cost 0.33 s with the hint, 0.05 s without; cluster 159 of
-    bench_grid's set (18M cells) took ~2 s less. Same arrays and values either way; only page sizes differ."""
-    switch = getattr(getattr(getattr(np, "_core", None), "multiarray", None), "_set_madvise_hugepage", None)
-    if not SMALL_PAGES or switch is None:
-        yield
-        return
-    previous = switch(False)
-    try:
-        yield
-    finally:
-        switch(previous)
-
-
 def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact", resolution=2.0,
                     tail=30.0, max_sub=256, keep=30.0, progress=False, seg_chunk=20_000, max_cells=MAX_CELLS,
                     max_evaluated=None, drop=1e-6):
@@ -755,103 +762,128 @@ def exact_posterior(flux_mjy, rel_err, distance_mpc, table=None, likelihood="exa
         return out
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-    with _small_pages():
-        return _exact_posterior(f, r, d, table, likelihood, resolution, tail, max_sub, keep, seg_chunk, max_cells,
-                                max_evaluated, drop)
+    return _exact_posterior(f, r, d, table, likelihood, resolution, tail, max_sub, keep, seg_chunk, max_cells,
+                            max_evaluated, drop)
 
 
 def _exact_posterior(f, r, d, table, likelihood, resolution, tail, max_sub, keep, seg_chunk, max_cells,
                      max_evaluated, drop):
     """exact_posterior of one cluster (checked input f, r, d); see there."""
     prep = _table(table)
-    off = _row_offsets(prep, f, d)
-    profiles = [_band_profile(rb, likelihood) for rb in r]
-    tops = np.array([np.max(p[1]) + 1e-3 for p in profiles])
-    best = _seed_lower_bound(prep, off, r, likelihood)
-    scales = np.array([_band_scale(p) for p in profiles])
-    h = 1.0 / np.sqrt(np.sum(1.0 / scales ** 2)) / resolution      # mu' step: narrowest combined feature
-    thr = best - tail                       # a too low `best` costs time, never accuracy
-    pieces = [_band_pieces(p, thr - (tops.sum() - t)) for p, t in zip(profiles, tops)]
-    cmb = _combos(pieces, thr)
-    windows = [(min(p[3] for p in pc), max(p[4] for p in pc)) for pc in pieces]
-    win = np.array(windows).T                                      # (2, 5) y windows of the bands
-    seg = _screen_segments(prep, off, cmb, win, thr)
-    tabs = _lookup_tables(profiles, windows, likelihood, r)
-    # Cells are evaluated in chunks and pruned against the running best log weight `top` and the running
-    # evidence z_run (the summed weight of the cells evaluated so far, a lower bound on Z): a cell with
-    # logw <= top - keep, or below z_run + log(drop / 2) - log(1e9), can never be kept, so memory is bounded by
-    # the kept cells (plus one chunk); the pruned cells' weights are summed into log_drop, so log Z is that of
-    # all cells with L >= thr. Rows with the smallest upper bounds (width x prior x bound on L), summing to
-    # at most drop/2 x z_run x (the chunk's share of the rows, estimated generously as 1 / (2 x chunks)), are
-    # not evaluated at all; their bounds are summed into log_skip, reported as post["p_skipped_bound"] (an
-    # upper bound on the probability they hold; z_run only grows, so this stays within drop/2 of Z).
-    lpa = prep["log_prior_age"]
-    const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
-    parts, n_kept, n_pruned, top, log_drop, n_eval = [], 0, 0, -np.inf, -np.inf, 0
-    z_run, log_skip, n_seg = -np.inf, -np.inf, len(seg[0])
-    # per batch of rows: k, E(B-V), its width, shear, and the mass grid (lo, hrow, m); the kept cells are stored
-    # compactly as (global row index, index of the cell in its row, L, log weight) and expanded once at the end
-    row_data, n_rows = [], 0
-    log_half = np.log(drop / 2.0)
-    for s0 in range(0, n_seg, seg_chunk):
-        use = np.flatnonzero(np.bitwise_or.reduce(seg[4][s0:s0 + seg_chunk]) >> np.arange(len(cmb["top"])) & 1)
-        k, ebv, dee, a, lo, hi, shear, lmax = _rows(prep, off, scales, _subset(cmb, use), win, thr,
-                                                    tuple(x[s0:s0 + seg_chunk] for x in seg[:4]), resolution,
-                                                    max_sub)
-        if len(k) == 0:
-            continue
-        row_logw = lpa[k - 1] + np.log(dee) + const
-        skip = _rows_to_skip(row_logw + np.log(hi - lo) + lmax,
-                             z_run + log_half + np.log(len(k) / (2.0 * n_seg * len(k) / min(seg_chunk, n_seg - s0))))
-        if skip.any():
-            log_skip = np.logaddexp(log_skip, _logsumexp((row_logw + np.log(hi - lo) + lmax)[skip]))
-            k, ebv, dee, a, lo, hi, shear, row_logw = (x[~skip] for x in (k, ebv, dee, a, lo, hi, shear, row_logw))
-            if len(k) == 0:
-                continue
-        m, hrow, log_h = _row_grid(lo, hi, h, row_logw)
-        row_data.append((k, ebv, dee, shear, lo, hrow, m))
-        r_off, n_rows = n_rows, n_rows + len(k)
-        for rows, i, L, logw in _evaluate_rows(tabs, a, lo, m, hrow, log_h, thr, row0=r_off):
-            n_eval += len(L)
-            if max_evaluated is not None and n_eval > max_evaluated:
-                raise MemoryError(f"exact_posterior: this posterior needs more than max_evaluated = "
-                                  f"{max_evaluated:.3g} evaluated quadrature cells (a very broad posterior)")
-            if len(L) == 0:
-                continue
-            top = max(top, logw.max())
-            z_run = np.logaddexp(z_run, _logsumexp(logw))
-            level = max(top - keep, z_run + log_half - np.log(1e9))
-            sel = logw > level
-            if not sel.all():
-                log_drop = np.logaddexp(log_drop, _logsumexp(logw[~sel]))
-            if not sel.any():
-                continue
-            parts.append((rows, i, L, logw) if sel.all() else (rows[sel], i[sel], L[sel], logw[sel]))
-            n_kept += len(parts[-1][2])
-            if n_kept > max(2 * n_pruned, 1_000_000) or n_kept > max_cells:   # re-prune against the new level
-                n_kept, log_drop = _prune(parts, level, log_drop)
-                n_pruned = n_kept
-                if n_kept > max_cells:
-                    raise MemoryError(f"exact_posterior: this posterior keeps more than max_cells = "
-                                      f"{max_cells:.3g} quadrature cells (a very broad posterior); pass a lower "
-                                      f"`resolution` (now {resolution}) or a larger max_cells if the memory is there")
-    if not parts:
+    sc = _screen(prep, f, r, d, likelihood, resolution, tail)
+    cells = _Cells(keep, drop, max_cells, max_evaluated, resolution)
+    rd = _evaluate_segments(prep, sc, cells, resolution, max_sub, seg_chunk)
+    if not cells.parts:
         raise RuntimeError("exact_posterior: no grid cell passed the likelihood screen (should not happen)")
-    log_z = z_run
-    rd = dict(zip(("k", "ebv", "dee", "shear", "lo", "hrow", "m"),
-                  (np.concatenate([r_[c] for r_ in row_data]) for c in range(7))))
-    del row_data
-    n_kept, log_drop = _prune(parts, _drop_level(parts, log_z, log_drop, drop / 2.0), log_drop)
+    log_z = cells.z_run
+    n_kept, log_drop = _prune(cells.parts, _drop_level(cells.parts, log_z, cells.log_drop, drop / 2.0),
+                              cells.log_drop)
     post = {"n_age": prep["A"].shape[0], "ebv_range": (prep["e"][0], prep["e"][-1]), "likelihood": likelihood,
             "obs": (f, r, d), "table": table, "log_z": log_z, "p_dropped": float(np.exp(log_drop - log_z)),
-            "p_skipped_bound": float(np.exp(log_skip - log_z))}
-    row_prob, row_tent_ebv = _expand_cells(post, parts, n_kept, rd, log_z, prep["map_age"])
-    del parts
+            "p_skipped_bound": float(np.exp(cells.log_skip - log_z))}
+    row_prob, row_tent_ebv = _expand_cells(post, cells.parts, n_kept, rd, log_z, prep["map_age"])
     post["age_pmf"] = np.bincount(rd["k"] - 1, weights=row_prob, minlength=post["n_age"])
     used = row_prob > 0
     _marginals(post, (rd["ebv"][used], rd["dee"][used], row_prob[used], row_tent_ebv[used]))
     post["quantiles"] = posterior_quantiles(post)
     return post
+
+
+def _screen(prep, f, r, d, likelihood, resolution, tail):
+    """What the evaluation needs of one cluster: the band profiles' mass step h, the screen's threshold thr
+    (tail nats below a likelihood value attained), the bounding piece combinations, the bands' y windows, the
+    segments that can reach thr and the per-band look-up tables."""
+    off = _row_offsets(prep, f, d)
+    profiles = [_band_profile(rb, likelihood) for rb in r]
+    tops = np.array([np.max(p[1]) + 1e-3 for p in profiles])
+    scales = np.array([_band_scale(p) for p in profiles])
+    thr = _seed_lower_bound(prep, off, r, likelihood) - tail    # a too low seed costs time, never accuracy
+    pieces = [_band_pieces(p, thr - (tops.sum() - t)) for p, t in zip(profiles, tops)]
+    cmb = _combos(pieces, thr)
+    windows = [(min(p[3] for p in pc), max(p[4] for p in pc)) for pc in pieces]
+    win = np.array(windows).T                                      # (2, 5) y windows of the bands
+    return dict(off=off, scales=scales, h=1.0 / np.sqrt(np.sum(1.0 / scales ** 2)) / resolution, thr=thr,
+                cmb=cmb, win=win, seg=_screen_segments(prep, off, cmb, win, thr),
+                tabs=_lookup_tables(profiles, windows, likelihood, r))
+
+
+class _Cells:
+    """The kept cells, pruned while they are evaluated, and the running sums.
+
+    Cells come in chunks and are pruned against the running best log weight `top` and the running evidence
+    z_run (the summed weight of the cells so far, a lower bound on Z): a cell with logw <= top - keep, or below
+    z_run + log(drop / 2) - log(1e9), can never be kept, so memory is bounded by the kept cells (plus one
+    chunk); the pruned cells' weights go into log_drop, so log Z is that of all cells with L >= thr. Rows
+    skipped on their bounds go into log_skip. Kept cells are stored compactly as (global row index, index of
+    the cell in its row, L, log weight) and expanded once at the end."""
+
+    def __init__(self, keep, drop, max_cells, max_evaluated, resolution):
+        self.keep, self.log_half, self.max_cells, self.max_evaluated = keep, np.log(drop / 2.0), max_cells, max_evaluated
+        self.resolution = resolution
+        self.parts, self.n_kept, self.n_pruned, self.n_eval = [], 0, 0, 0
+        self.top, self.z_run, self.log_drop, self.log_skip = -np.inf, -np.inf, -np.inf, -np.inf
+
+    def add(self, rows, i, L, logw):
+        self.n_eval += len(L)
+        if self.max_evaluated is not None and self.n_eval > self.max_evaluated:
+            raise MemoryError(f"exact_posterior: this posterior needs more than max_evaluated = "
+                              f"{self.max_evaluated:.3g} evaluated quadrature cells (a very broad posterior)")
+        if len(L) == 0:
+            return
+        self.top = max(self.top, logw.max())
+        self.z_run = np.logaddexp(self.z_run, _logsumexp(logw))
+        level = max(self.top - self.keep, self.z_run + self.log_half - np.log(1e9))
+        sel = logw > level
+        if not sel.all():
+            self.log_drop = np.logaddexp(self.log_drop, _logsumexp(logw[~sel]))
+        if not sel.any():
+            return
+        self.parts.append((rows, i, L, logw) if sel.all() else (rows[sel], i[sel], L[sel], logw[sel]))
+        self.n_kept += len(self.parts[-1][2])
+        if self.n_kept > max(2 * self.n_pruned, 1_000_000) or self.n_kept > self.max_cells:   # re-prune
+            self.n_kept, self.log_drop = _prune(self.parts, level, self.log_drop)
+            self.n_pruned = self.n_kept
+            if self.n_kept > self.max_cells:
+                raise MemoryError(f"exact_posterior: this posterior keeps more than max_cells = "
+                                  f"{self.max_cells:.3g} quadrature cells (a very broad posterior); pass a lower "
+                                  f"`resolution` (now {self.resolution}) or a larger max_cells if the memory is "
+                                  f"there")
+
+
+def _evaluate_segments(prep, sc, cells, resolution, max_sub, seg_chunk):
+    """Evaluate the screened segments chunk by chunk into `cells`; returns the rows' data (k, ebv, dee, shear,
+    lo, hrow, m), concatenated.
+
+    Rows with the smallest upper bounds (width x prior x bound on L), summing to at most drop/2 x z_run x (the
+    chunk's share of the rows, estimated generously as 1 / (2 x chunks)), are not evaluated at all; their
+    bounds go into cells.log_skip, reported as post["p_skipped_bound"] (an upper bound on the probability they
+    hold; z_run only grows, so this stays within drop/2 of Z)."""
+    seg, cmb = sc["seg"], sc["cmb"]
+    const = -np.log((prep["e"][-1] - prep["e"][0]) * LN10 * (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]))
+    row_data, n_rows, n_seg = [], 0, len(seg[0])
+    for s0 in range(0, n_seg, seg_chunk):
+        use = np.flatnonzero(np.bitwise_or.reduce(seg[4][s0:s0 + seg_chunk]) >> np.arange(len(cmb["top"])) & 1)
+        k, ebv, dee, a, lo, hi, shear, lmax = _rows(prep, sc["off"], sc["scales"], _subset(cmb, use), sc["win"],
+                                                    sc["thr"], tuple(x[s0:s0 + seg_chunk] for x in seg[:4]),
+                                                    resolution, max_sub)
+        if len(k) == 0:
+            continue
+        row_logw = prep["log_prior_age"][k - 1] + np.log(dee) + const
+        bound = row_logw + np.log(hi - lo) + lmax
+        skip = _rows_to_skip(bound, cells.z_run + cells.log_half
+                             + np.log(len(k) / (2.0 * n_seg * len(k) / min(seg_chunk, n_seg - s0))))
+        if skip.any():
+            cells.log_skip = np.logaddexp(cells.log_skip, _logsumexp(bound[skip]))
+            k, ebv, dee, a, lo, hi, shear, row_logw = (x[~skip] for x in (k, ebv, dee, a, lo, hi, shear, row_logw))
+            if len(k) == 0:
+                continue
+        m, hrow, log_h = _row_grid(lo, hi, sc["h"], row_logw)
+        row_data.append((k, ebv, dee, shear, lo, hrow, m))
+        for part in _evaluate_rows(sc["tabs"], a, lo, m, hrow, log_h, sc["thr"], row0=n_rows):
+            cells.add(*part)
+        n_rows += len(k)
+    return dict(zip(("k", "ebv", "dee", "shear", "lo", "hrow", "m"),
+                    (np.concatenate([r_[c] for r_ in row_data]) if row_data else np.zeros(0) for c in range(7))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1006,9 +1038,9 @@ def log_likelihood(theta, flux_mjy, rel_err, distance_mpc, table=None, likelihoo
     prep = _table(table)
     theta = np.asarray(theta, dtype=np.float64)
     t = 10.0 ** theta[..., 0]
-    k = np.floor(t + 0.5).astype(np.int64)
+    k = age_bin(theta[..., 0])
     e = prep["e"]
-    ok = (t >= 0.5) & (k <= prep["A"].shape[0]) & (theta[..., 1] >= LOG_MASS_RANGE[0]) \
+    ok = (t >= 0.5) & (t < prep["A"].shape[0] + 0.5) & (theta[..., 1] >= LOG_MASS_RANGE[0]) \
         & (theta[..., 1] <= LOG_MASS_RANGE[1]) & (theta[..., 2] >= e[0]) & (theta[..., 2] <= e[-1])
     kc = np.clip(k, 1, prep["A"].shape[0])
     ec = np.clip(theta[..., 2], e[0], e[-1])
@@ -1173,7 +1205,7 @@ def _mle_blocks(blk, f, r, d, passing, e, n_e, ranges, out):
         best[g], cell[g] = cmin[better], blk["cells"][st[j] + i[better]]
         mass[g] = (u / v)[i[better], np.nonzero(better)[0]]
     ok_c = np.isfinite(best)
-    scale = (1e-5 / d) ** 2
+    scale = (PC10_IN_MPC / d) ** 2
     age_i, e_i = np.divmod(cell, n_e)
     out["age_myr"][ok_c] = age_i[ok_c] + 1
     out["ebv"][ok_c] = e[e_i[ok_c]]
@@ -1205,73 +1237,49 @@ def _mle_blocks(blk, f, r, d, passing, e, n_e, ranges, out):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Figures (paper Fig. 5, bottom rows) and the command line.
+# A file of clusters, and the command line.
 
-def plot_posterior(post, path, truth=None, mle_point=None, title=""):
-    """Corner plot of the exact posterior: 1-D marginals on the diagonal, 2-D marginals below (cell-weighted
-    histograms); truth (3,) and MLE (3,) marked if given. Written to `path` (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    p = post["prob"]
-    cols = np.stack([np.log10(post["k"]), post["log10_mass"], post["ebv"]], axis=1)
-    q = post["quantiles"]
-    lo = np.maximum(q[:, 0] - 2.5 * (q[:, 1] - q[:, 0]) - 0.05, [np.log10(0.5), 2.0, post["ebv_range"][0]])
-    hi = np.minimum(q[:, 2] + 2.5 * (q[:, 2] - q[:, 1]) + 0.05, [np.log10(post["n_age"] + 0.5), 8.0,
-                                                                    post["ebv_range"][1]])
-    fig, ax = plt.subplots(3, 3, figsize=(8, 8))
-    for i in range(3):
-        for j in range(3):
-            a = ax[i, j]
-            if j > i:
-                a.axis("off")
-                continue
-            if i == j:
-                x = np.linspace(lo[i], hi[i], 201)
-                cdf = marginal_cdf(post, i, x)
-                a.step(0.5 * (x[1:] + x[:-1]), np.diff(cdf) / np.diff(x), where="mid", color="k")
-                for v in q[i]:
-                    a.axvline(v, color="0.5", ls=":", lw=1)
-                a.set_yticks([])
-                a.set_ylim(bottom=0.0)
-            else:
-                h, xe, ye = np.histogram2d(cols[:, j], cols[:, i], bins=60, weights=p,
-                                           range=[[lo[j], hi[j]], [lo[i], hi[i]]])
-                a.pcolormesh(xe, ye, h.T, cmap="Greys", shading="flat")
-            for pt, c, mk in ((truth, "tab:red", "*"), (mle_point, "tab:blue", "x"), (post["map"], "tab:green", "o")):
-                if pt is None or not np.all(np.isfinite(pt)):
-                    continue
-                if i == j:
-                    a.axvline(pt[i], color=c, lw=1)
-                else:
-                    a.plot(pt[j], pt[i], mk, color=c, ms=7, mfc="none" if mk == "o" else c)
-            a.set_xlim(lo[j], hi[j])
-            if i != j:
-                a.set_ylim(lo[i], hi[i])
-            if i == 2:
-                a.set_xlabel(PARAM_LABELS[j])
-            if j == 0 and i > 0:
-                a.set_ylabel(PARAM_LABELS[i])
-    ax[0, 2].text(0, 0.9, "exact grid posterior\n" + title, transform=ax[0, 2].transAxes, va="top")
-    ax[0, 2].text(0, 0.5, "red: truth, blue x: MLE (min chi$^2$)\ngreen o: MAP, dotted: 16/50/84 %",
-                  transform=ax[0, 2].transAxes, va="top", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def posterior_summaries(flux_mjy, rel_err, distance_mpc, n_samples, rng, keep=(), **kwargs):
+    """exact_posterior of each cluster (rows of (N, 5) arrays), reduced to what a file can hold.
+
+    A cluster whose posterior cannot be computed (past the memory or time caps, or no cell in the screen) gets
+    NaN summaries and failed = True; the others are unaffected. kwargs go to exact_posterior.
+    Returns:
+        dict samples (N, n_samples, 3), quantiles (N, 3, 3) as [q, param], map (N, 3), log_z (N,), failed (N,),
+        errors {row: message}, and posts {row: the posterior} for the rows in `keep`.
+    """
+    n = len(flux_mjy)
+    out = dict(samples=np.full((n, n_samples, 3), np.nan), quantiles=np.full((n, 3, 3), np.nan),
+               map=np.full((n, 3), np.nan), log_z=np.full(n, np.nan), failed=np.zeros(n, bool), errors={}, posts={})
+    t0 = time.time()
+    for i in range(n):
+        try:
+            post = exact_posterior(flux_mjy[i], rel_err[i], distance_mpc[i], **kwargs)
+        except (MemoryError, RuntimeError) as err:       # this cluster only: a NaN row, not a lost batch
+            out["failed"][i], out["errors"][i] = True, str(err)
+            continue
+        out["samples"][i] = sample_posterior(post, n_samples, rng)
+        out["quantiles"][i] = post["quantiles"].T
+        out["map"][i], out["log_z"][i] = post["map"], post["log_z"]
+        if i in keep:
+            out["posts"][i] = post
+        if (i + 1) % 10 == 0 or i + 1 == n:
+            print(f"exact posterior: {i + 1}/{n} clusters, {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    return out
 
 
 def _load_table_file(path):
-    import simulate
-    tab = simulate.load_npz(path, required=("ln_flux", "ebv_nodes"))
+    tab = load_npz(path, required=("ln_flux", "ebv_nodes"))
     return {"ln_flux": tab["ln_flux"], "ebv_nodes": tab["ebv_nodes"]}
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line of grid_posterior.py."""
     ap = argparse.ArgumentParser(description="Exact grid posterior and CIGALE-style MLE of star clusters "
                                              "(Walter et al. 2026 Sect. 3.2.2).")
-    ap.add_argument("--obs", required=True, help="observation .npz (flux_mjy, rel_err, distance_mpc; DESIGN Sect. 4)")
+    ap.add_argument("--obs", required=True, help="observation .npz (flux_mjy, rel_err, distance_mpc; SPEC.md Sect. 4)")
     ap.add_argument("--out", required=True, help="output .npz: samples, quantiles, modes, map, log_z, mle_*")
-    ap.add_argument("--samples", type=int, default=1000, help="posterior draws per cluster (default 1000)")
+    ap.add_argument("--samples", type=int, default=1000, help="posterior draws per cluster")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="", help="comma-separated cluster indices to draw (PNG corner plots)")
     ap.add_argument("--plot-dir", default=None, help="folder for the figures (default: next to --out)")
@@ -1280,66 +1288,47 @@ def main(argv=None):
     ap.add_argument("--resolution", type=float, default=2.0, help="quadrature cells per likelihood width")
     ap.add_argument("--table", default=None, help="(testing) model table .npz with ln_flux and ebv_nodes")
     args = ap.parse_args(argv)
-    import simulate
-    obs = simulate.load_npz(args.obs, required=("flux_mjy", "rel_err", "distance_mpc"))
-    f, r, d = obs["flux_mjy"], obs["rel_err"], obs["distance_mpc"]
-    if args.first is not None:
-        f, r, d = f[:args.first], r[:args.first], d[:args.first]
+    if args.samples < 1 or args.seed < 0 or (args.first is not None and args.first < 1):
+        ap.error("--samples and --first must be >= 1, --seed >= 0")
+    return args
+
+
+def main(argv=None):
+    import plots                                  # figures only: the library above needs no matplotlib
+    args = parse_args(argv)
     try:
-        f, r, d = _check_obs(f, r, d)
-    except ValueError as err:
-        raise ValueError(f"{args.obs}: {err}") from None
+        obs = load_npz(args.obs)
+        n = checks.observations(obs, args.obs, keys=("flux_mjy", "rel_err", "distance_mpc"))
+        checks.output_path(args.out, (".npz",))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"grid_posterior.py: error: {err}") from None
+    n = n if args.first is None else min(args.first, n)
+    f, r, d = (np.asarray(obs[k][:n], dtype=np.float64) for k in ("flux_mjy", "rel_err", "distance_mpc"))
     table = _load_table_file(args.table) if args.table else None
-    plots = [int(i) for i in args.plot.split(",") if i.strip()]
-    if any(i < 0 or i >= len(f) for i in plots):
-        raise ValueError(f"--plot indices must be in 0..{len(f) - 1}")
-    rng = np.random.default_rng(args.seed)
-    n = len(f)
-    samples = np.empty((n, args.samples, 3))
-    quant = np.empty((n, 3, 3))
-    map_ = np.empty((n, 3))
-    log_z = np.empty(n)
-    t0 = time.time()
-    keep_posts = {}
-    failed = np.zeros(n, bool)
-    for i in range(n):
-        try:
-            post = exact_posterior(f[i], r[i], d[i], table=table, likelihood=args.likelihood,
-                                   resolution=args.resolution)
-        except MemoryError as err:                       # a very broad posterior: NaN row, not a crash
-            print(f"{args.obs}: cluster {i} skipped (NaN in the output, exact_failed = True): {err}",
-                  file=sys.stderr, flush=True)
-            failed[i] = True
-            samples[i], quant[i], map_[i], log_z[i] = np.nan, np.nan, np.nan, np.nan
-            continue
-        samples[i] = sample_posterior(post, args.samples, rng)
-        quant[i] = post["quantiles"].T                   # [q, p] as evaluate.summarize
-        map_[i] = post["map"]
-        log_z[i] = post["log_z"]
-        if i in plots:
-            keep_posts[i] = post
-        if (i + 1) % 10 == 0 or i + 1 == n:
-            print(f"exact posterior: {i + 1}/{n} clusters, {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    plot_rows = [int(i) for i in args.plot.split(",") if i.strip()]
+    if any(i < 0 or i >= n for i in plot_rows):
+        raise SystemExit(f"grid_posterior.py: --plot indices must be in 0..{n - 1}")
+    res = posterior_summaries(f, r, d, args.samples, np.random.default_rng(args.seed), keep=plot_rows, table=table,
+                              likelihood=args.likelihood, resolution=args.resolution)
+    for i, msg in res["errors"].items():
+        print(f"{args.obs}: cluster {i}: NaN in the output, exact_failed = True ({msg})", file=sys.stderr)
     m = mle(f, r, d, table=table, progress=n > 256)
     modes = np.full((n, 3, 3), np.nan)
-    modes[:, 0] = map_
-    out = {"samples": samples, "quantiles": quant, "modes": modes, "map": map_, "log_z": log_z,
-           "exact_failed": failed,
-           "bands": np.array(("F275W", "F336W", "F438W", "F555W", "F814W")), "seed": np.int64(args.seed)}
-    out.update({f"mle_{k}": v for k, v in m.items()})
-    for key in ("id", "theta"):
-        if key in obs:
-            out[key] = obs[key][:n]
-    simulate.save_npz(args.out, **out)
-    print(f"wrote {args.out}: {n} clusters, {args.samples} samples each", file=sys.stderr)
+    modes[:, 0] = res["map"]
+    out = dict(samples=res["samples"], quantiles=res["quantiles"], modes=modes, map=res["map"], log_z=res["log_z"],
+               exact_failed=res["failed"], bands=np.array(BANDS), seed=np.int64(args.seed),
+               **{f"mle_{k}": v for k, v in m.items()}, **{k: obs[k][:n] for k in ("id", "theta") if k in obs})
+    save_npz(args.out, **out)
+    print(f"wrote {args.out}: {n} clusters, {args.samples} samples each ({int(res['failed'].sum())} failed)",
+          file=sys.stderr)
     plot_dir = Path(args.plot_dir) if args.plot_dir else Path(args.out).resolve().parent
-    for i, post in keep_posts.items():
+    for i, post in res["posts"].items():
         plot_dir.mkdir(parents=True, exist_ok=True)
-        truth = obs["theta"][i] if "theta" in obs else None
-        mle_pt = np.array([np.log10(m["age_myr"][i]), m["log10_mass"][i], m["ebv"][i]])
         name = str(obs["id"][i]) if "id" in obs else str(i)
         path = plot_dir / f"grid_posterior_{name}.png"
-        plot_posterior(post, path, truth, mle_pt, title=f"cluster {name}")
+        plots.plot_posterior(path, post, marginal_cdf, obs["theta"][i] if "theta" in obs else None,
+                             np.array([np.log10(m["age_myr"][i]), m["log10_mass"][i], m["ebv"][i]]),
+                             title=f"cluster {name}")
         print(f"wrote {path}", file=sys.stderr)
 
 

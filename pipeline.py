@@ -1,9 +1,9 @@
 """The one-command end-to-end run: simulate -> preprocess -> train -> evaluate -> a catalogue run.
 
-    python pipeline.py [--profile quick] [--out runs/quick] [--seed S]
+    python pipeline.py [--profile quick] [--method refined|paper] [--out runs/quick] [--seed S]
 
 Stages (each one of the project's command-line scripts, run as a subprocess; a progress line per stage):
-  1 simulate    python simulate.py        -> OUT/sim.npz                       (DESIGN Sect. 2-3)
+  1 simulate    python simulate.py        -> OUT/sim.npz                       (SPEC.md Sect. 2-3)
   2 preprocess  python preprocess.py      -> OUT/data/{train,val,test}.npz     (noise model, x, theta)
   3 train       python train.py           -> OUT/model.pt, OUT/metrics.json    (Eq. 4; --resume if cut off)
   4 sbc         python evaluate.py sbc    -> OUT/eval/sbc/                     (Fig. 3)
@@ -17,7 +17,9 @@ command of each finished stage; a stage recorded with a different command (other
 run with a message instead of mixing runs. At the end: a summary of the key numbers and where the figures
 and tables are (also written to OUT/summary.json).
 
-The quick profile is sized for a 2-core CPU machine in <= 30 minutes; `paper` is the paper's scale (GPU).
+The quick profile is sized for a 2-core CPU machine (about 16 minutes when it is otherwise idle); `smoke` checks
+the wiring in about a minute; `full` is the paper's scale (a GPU for training). Training runs a fixed number of
+epochs: the same seed gives the same files on any machine.
 """
 import argparse
 import json
@@ -27,19 +29,21 @@ import sys
 import time
 from pathlib import Path
 
+from astropy.table import Table
+
 ROOT = Path(__file__).resolve().parent
 
-PROFILES = {
-    # 2-core CPU, <= 30 min in all (training is capped by --max-minutes)
-    "quick": dict(n_sim=1_040_000, n_val=20_000, n_test=20_000, train_minutes=18.0, sbc_n=10_000, sbc_L=100,
+RUN_SIZES = {
+    # 2-core CPU: about 16 minutes in all on an idle machine, 14 of them training (22 epochs)
+    "quick": dict(n_sim=1_040_000, n_val=20_000, n_test=20_000, sbc_n=10_000, sbc_L=100,
                   ppc_n=1000, ppc_samples=500, exact_n=50, exact_samples=10_000, catalog_n=300,
                   catalog_samples=2000, catalog_distance_mpc=10.0),
     # seconds: every stage on toy sizes, to check the wiring (tests/test_pipeline.py); numbers meaningless
-    "smoke": dict(n_sim=4000, n_val=500, n_test=500, train_minutes=None, train_epochs=2, sbc_n=100, sbc_L=20,
+    "smoke": dict(n_sim=4000, n_val=500, n_test=500, train_epochs=2, sbc_n=100, sbc_L=20,
                   ppc_n=20, ppc_samples=100, exact_n=2, exact_samples=300, catalog_n=60, catalog_samples=300,
                   catalog_distance_mpc=10.0),
     # the paper's scale: 5e6 simulations, 1e5 validation / test clusters (a GPU for training)
-    "paper": dict(n_sim=5_000_000, n_val=100_000, n_test=100_000, train_minutes=None, sbc_n=10_000, sbc_L=100,
+    "full": dict(n_sim=5_000_000, n_val=100_000, n_test=100_000, sbc_n=10_000, sbc_L=100,
                   ppc_n=1000, ppc_samples=500, exact_n=200, exact_samples=10_000, catalog_n=3000,
                   catalog_samples=10_000, catalog_distance_mpc=10.0),
 }
@@ -50,18 +54,16 @@ def log(msg):
     print(f"[pipeline {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def stages(out, profile, seed, threads=None):
-    """The ordered stages: (name, outputs that mark it done, command argv or a Python callable)."""
-    p = PROFILES[profile]
+def stages(out, profile, seed, threads=None, method="refined"):
+    """The ordered stages: (name, outputs that mark it done, command argv)."""
+    p = RUN_SIZES[profile]
     py = sys.executable
     data, ev, cat = out / "data", out / "eval", out / "catalog"
     test = data / "test.npz"
-    train_cmd = [py, "train.py", "--data", str(data), "--out", str(out), "--profile",
+    train_cmd = [py, "train.py", "--data", str(data), "--out", str(out), "--method", method, "--profile",
                  "quick" if profile == "smoke" else profile, "--seed", str(seed)]
     if p.get("train_epochs"):
         train_cmd += ["--epochs", str(p["train_epochs"])]
-    if p["train_minutes"]:
-        train_cmd += ["--max-minutes", str(p["train_minutes"])]
     if threads:
         train_cmd += ["--threads", str(threads)]
     train_cmd += ["--workers", str(threads or min(os.cpu_count() or 1, 8))]   # the one-off target transform
@@ -160,18 +162,13 @@ def summarize_run(out):
     if e:
         summ["exact"] = {k: e.get(k) for k in ("kl_mean_nats", "kl_se_nats", "median_width_ratio_cinn_over_exact",
                                                "share_map_within_0p1_dex_age",
-                                               "share_map_within_0p1_dex_age_or_0p5_nat",
-                                               "share_densest_cinn_sample_within_0p1_dex_age")}
-        dense = e.get("share_densest_cinn_sample_within_0p1_dex_age")     # absent from older runs' files
-        flat = e.get("share_map_within_0p1_dex_age_or_0p5_nat")
+                                               "share_exact_sample_map_within_0p1_dex_age")}
         lines.append(f"exact posterior ({e.get('n_clusters')} clusters): KL estimate {e['kl_mean_nats']:.3f} +- "
                      f"{e['kl_se_nats']:.3f} nats; cINN MAP within 0.1 dex in age of the exact MAP for "
-                     f"{e['share_map_within_0p1_dex_age']:.0%}"
-                     + (f" (or within 0.5 nat of its density: {flat:.0%})" if flat is not None else "")
-                     + (f" (the cINN sample of highest exact density: {dense:.0%})" if dense is not None else ""))
+                     f"{e['share_map_within_0p1_dex_age']:.0%} (the same estimator on exact samples: "
+                     f"{e['share_exact_sample_map_within_0p1_dex_age']:.0%})")
     inl = out / "catalog" / "synthetic_phangs_result_inliers.ecsv"
     if inl.exists():
-        from astropy.table import Table
         t = Table.read(inl)
         summ["catalog_inliers"] = [dict(zip(t.colnames, [r[c].item() if hasattr(r[c], "item") else r[c]
                                                          for c in t.colnames])) for r in t]
@@ -193,7 +190,9 @@ def summarize_run(out):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument("--profile", choices=sorted(RUN_SIZES), default="quick")
+    ap.add_argument("--method", choices=("refined", "paper"), default="refined",
+                    help="refined: the refinements of refinements.py; paper: the paper's plain transform")
     ap.add_argument("--out", default=None, help="run directory (default runs/<profile>)")
     ap.add_argument("--seed", type=int, default=0, help="seed passed to every stage (same seed -> same files)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's)")
@@ -207,7 +206,7 @@ def main(argv=None):
     env.setdefault("MPLBACKEND", "Agg")
     record_path = out / "pipeline_stages.json"
     record = _load_json(record_path) or {}
-    plan = stages(out, args.profile, args.seed, args.threads)
+    plan = stages(out, args.profile, args.seed, args.threads, args.method)
     t0 = time.time()
     for k, (name, outputs, cmd) in enumerate(plan, 1):
         if args.only and name not in args.only:
@@ -221,7 +220,7 @@ def main(argv=None):
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summ, indent=1, default=str) + "\n")
     os.replace(tmp, out / "summary.json")
-    print(f"\npipeline ({args.profile}, seed {args.seed}) finished in {summ['wall_minutes']:.1f} min; {out}")
+    print(f"\npipeline ({args.profile}, {args.method}, seed {args.seed}) finished in {summ['wall_minutes']:.1f} min; {out}")
     for line in lines:
         print("  " + line)
     return summ

@@ -1,6 +1,6 @@
 """Forward model of Walter et al. (2026, A&A 706, A201): CIGALE-equivalent star-cluster photometry.
 
-What CIGALE computes for the PHANGS setup (modules sfh2exp, bc03, dustext, redshifting; DESIGN.md Sect. 2),
+What CIGALE computes for the PHANGS setup (modules sfh2exp, bc03, dustext, redshifting; SPEC.md Sect. 2),
 rebuilt in plain numpy from the same Bruzual & Charlot (2003) SSP (Padova 1994, Chabrier IMF, Z = 0.02):
 
     1. SSP spectra F_nu(t, lambda) at 10 pc per 1 Msun formed (data/bc03_wfc3_table.npz, see data/README.md);
@@ -14,7 +14,7 @@ Everything is linear in the spectrum, so load_table() computes band fluxes at th
 E(B-V) node, applies the (13750 x n_age) sparse age-bin weights, and caches ln flux (13750, n_ebv, 5).
 model_flux() then gathers two E(B-V) nodes and interpolates ln flux linearly (error <= 4.7e-5, see tests).
 
-Also: the prior of Sect. 2.2 (sample_prior), the simulation file of DESIGN.md Sect. 4 (simulate, CLI),
+Also: the prior of Sect. 2.2 (sample_prior), the simulation file of SPEC.md Sect. 4 (simulate, CLI),
 atomic deterministic .npz I/O (save_npz, load_npz) and pcigale interoperability (write_cigale_config,
 read_cigale_savefluxes, --backend pcigale).
 
@@ -22,18 +22,26 @@ read_cigale_savefluxes, --backend pcigale).
 """
 import argparse
 import os
+import shutil
+import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+from astropy.table import Table
+from scipy import sparse
 
-BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")
-AGE_MAX_MYR = 13750
-LOG_MASS_RANGE = (2.0, 8.0)
-EBV_RANGE = (0.0, 1.5)
-DISTANCE_RANGE_MPC = (1.0, 30.0)
+# The facts every other script imports (each defined here only; tests/test_layout.py checks it).
+BANDS = ("F275W", "F336W", "F438W", "F555W", "F814W")   # the order of every band axis in every file
+AGE_MAX_MYR = 13750        # CIGALE's 1 Myr age grid: integer ages 1..13750 Myr
+LOG_MASS_RANGE = (2.0, 8.0)     # prior of log10(m0/Msun), initial (formed) mass
+EBV_RANGE = (0.0, 1.5)          # prior of E(B-V), mag
+DISTANCE_RANGE_MPC = (1.0, 30.0)     # training distances
+R_MAX = 0.5                # noise level of the training data: r ~ U[0, R_MAX], sigma = r f
+SYS_ERR = 0.05             # systematic relative error added to real photometry (Eq. 10)
+PC10_IN_MPC = 1e-5         # 10 pc, the distance of the model table's fluxes
 EBV_STEP = 0.01            # E(B-V) node spacing of the cached ln-flux table
 R_V = 3.1
 C_ANGSTROM_PER_S = 2.99792458e18
@@ -88,6 +96,25 @@ def load_npz(path, required=()):
     return out
 
 
+class Progress:
+    """A progress line on stderr for long loops: done/total, rate and ETA, at most every `every` seconds and
+    at the end. progress = Progress(n, "samples"); then progress.update(done) as the work goes."""
+
+    def __init__(self, total, label, unit="clusters", every=10.0):
+        self.total, self.label, self.unit, self.every = int(total), label, unit, every
+        self.t0 = self.last = time.time()
+
+    def update(self, done):
+        now = time.time()
+        if done < self.total and now - self.last < self.every:
+            return
+        self.last, elapsed = now, now - self.t0
+        rate = done / elapsed if elapsed > 0 else float("inf")
+        eta = (self.total - done) / rate if 0 < rate < float("inf") else 0.0
+        print(f"  {self.label}: {done}/{self.total} {self.unit}, {rate:.3g} {self.unit}/s, {elapsed:.0f} s, "
+              f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Physics: dust law, photometry, CIGALE age bins.
 
@@ -122,7 +149,7 @@ def dust_k(wave_A, r_v=R_V):
 
 
 def band_weights(wave_A, filter_wave_A, filter_throughput):
-    """Weights c (len(wave_A),) with band flux = F_nu(wave_A) @ c (photon counting, DESIGN Sect. 2).
+    """Weights c (len(wave_A),) with band flux = F_nu(wave_A) @ c (photon counting, SPEC.md Sect. 2).
 
     f_nu = int(T F_nu / lambda dlambda) / int(T / lambda dlambda), evaluated by the trapezoid rule on the union
     of the spectrum's and the filter's wavelength points inside the filter range, with F_nu and T interpolated
@@ -165,7 +192,6 @@ def age_bin_weights(age_yr, n_ages=AGE_MAX_MYR):
     k-0.9, k-0.8, ..., k Myr. Native age 0 is skipped and times before the first non-zero native age take
     the first non-zero-age value (np.interp clamping), as in CIGALE.
     """
-    from scipy import sparse
     age_myr = np.asarray(age_yr, dtype=float) / 1e6
     use = np.nonzero(age_myr > 0)[0]
     t_nat = age_myr[use]
@@ -265,7 +291,7 @@ def _check_range(name, value, lo, hi):
 def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None):
     """Noise-free band fluxes (..., 5) in mJy, band order BANDS; inputs broadcast against each other.
 
-    flux = F(age, E(B-V)) * 10**log10_mass * (1e-5 Mpc / distance_mpc)**2 with F per Msun formed at 10 pc
+    flux = F(age, E(B-V)) * 10**log10_mass * (10 pc / distance_mpc)**2 with F per Msun formed at 10 pc
     (distance None = 10 pc). age_myr: integers 1..13750; E(B-V) in [0, 1.5], ln F interpolated linearly
     between the E(B-V) nodes of load_table(): off the nodes the relative error is < 2e-6, except F275W of
     old clusters at E(B-V) > 1 (red leak): up to 4.7e-5 (tests/test_simulate.py).
@@ -281,7 +307,7 @@ def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None):
         d = np.asarray(distance_mpc, dtype=float)
         if not np.all(np.isfinite(d)) or np.any(d <= 0):
             raise ValueError("distance_mpc must be finite and > 0")
-        scale = scale + 2.0 * np.log(1e-5 / d)
+        scale = scale + 2.0 * np.log(PC10_IN_MPC / d)
     age, ebv, scale = np.broadcast_arrays(age, ebv, scale)
     n_e = len(tab["ebv_nodes"])
     pos = (ebv - EBV_RANGE[0]) / EBV_STEP
@@ -304,7 +330,7 @@ def mstar_fraction(age_myr):
 
 
 def sample_prior(n, rng, keep_unrounded=False):
-    """Draw n clusters from the prior of DESIGN.md Sect. 3 (paper Sect. 2.2).
+    """Draw n clusters from the prior of SPEC.md Sect. 3 (paper Sect. 2.2).
 
     log10(t/Myr) ~ U[0, log10 13750] rounded to the nearest integer Myr in [1, 13750];
     log10(m0/Msun) ~ U[2, 8]; E(B-V) ~ U[0, 1.5]. Returns dict(age_myr int64, log10_mass, ebv)
@@ -323,29 +349,53 @@ def sample_prior(n, rng, keep_unrounded=False):
     return out
 
 
-def simulate(n, seed, chunk=1_000_000, progress=False):
-    """Simulate n prior clusters; dict with the simulation keys of DESIGN.md Sect. 4.
+def log_prior_age(n_age=AGE_MAX_MYR):
+    """log P(k), k = 1..n_age: the prior of the integer age that sample_prior draws.
 
-    The prior is drawn in one go (so the result does not depend on `chunk`), fluxes in chunks of `chunk`.
+    t = 10^U, U ~ U[0, log10 n_age], rounded to the nearest integer: P(k) = [log10 min(k + 1/2, n_age)
+    - log10 max(k - 1/2, 1)] / log10 n_age. P(1) = 0.043 for n_age = 13750; the last cell is half as wide as
+    its neighbour.
+    """
+    k = np.arange(1, n_age + 1, dtype=np.float64)
+    p = (np.log10(np.minimum(k + 0.5, n_age)) - np.log10(np.maximum(k - 0.5, 1.0))) / np.log10(n_age)
+    return np.log(p)
+
+
+def age_bin(log10_age):
+    """The integer model age k (Myr) of a jittered age label t' = 10^log10_age: the k whose 1 Myr bin
+    [k - 1/2, k + 1/2) holds t' (ties go up), clipped to 1..AGE_MAX_MYR. The one rule every script uses to go
+    from a label (or a posterior sample) back to the photometry's age."""
+    t = 10.0 ** np.asarray(log10_age, dtype=np.float64)
+    return np.clip(np.floor(t + 0.5), 1, AGE_MAX_MYR).astype(np.int64)
+
+
+def simulate(n, seed, chunk=1_000_000, progress=False):
+    """Simulate n clusters from the prior: the simulation file's dict (SPEC.md Sect. 4).
+
+    Args:
+        n: clusters. seed: the prior's generator (the same seed gives the same clusters).
+        chunk: fluxes are computed in chunks of this many clusters (bounds memory; the prior is drawn in one
+            go, so the result does not depend on it). progress: print a progress line on stderr.
+    Returns:
+        dict age_myr, log10_mass, ebv, flux_10pc_mjy (N, 5), mstar_frac, bands, seed.
     """
     rng = np.random.default_rng(seed)
     prior = sample_prior(n, rng)
     flux = np.empty((int(n), len(BANDS)))
     chunk = max(1, int(chunk))
-    t0 = time.perf_counter()
+    bar = Progress(n, "simulate", every=0.0 if progress else float("inf"))
     for start in range(0, int(n), chunk):
         sl = slice(start, min(start + chunk, int(n)))
         flux[sl] = model_flux(prior["age_myr"][sl], prior["ebv"][sl], prior["log10_mass"][sl])
         if progress:
-            done = sl.stop
-            print(f"simulate: {done}/{n} clusters ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+            bar.update(sl.stop)
     return {"age_myr": prior["age_myr"], "log10_mass": prior["log10_mass"], "ebv": prior["ebv"],
             "flux_10pc_mjy": flux, "mstar_frac": mstar_fraction(prior["age_myr"]),
             "bands": np.array(BANDS), "seed": np.int64(seed)}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# pcigale interoperability (DESIGN.md Sect. 2): configuration writer, savefluxes reader, optional pcigale run.
+# pcigale interoperability (SPEC.md Sect. 2): configuration writer, savefluxes reader, optional pcigale run.
 
 CIGALE_MODULES = ("sfh2exp", "bc03", "dustext", "redshifting")
 CIGALE_BANDS = tuple(f"hst.wfc3.{b}" for b in BANDS)      # CIGALE's WFC3/UVIS (chip 2) filters
@@ -372,7 +422,7 @@ def write_cigale_config(path, age_myr=(), ebv=(), parameters_file="", cores=1, i
     """
     age = _check_ages(age_myr) if len(age_myr) else np.array([1])
     ebv = _check_range("ebv", ebv, 0.0, np.inf) if len(ebv) else np.array([0.0])
-    lines = ["# pcigale configuration written by simulate.write_cigale_config (DESIGN.md Sect. 2)",
+    lines = ["# pcigale configuration written by simulate.write_cigale_config (SPEC.md Sect. 2)",
              "data_file = ", f"parameters_file = {parameters_file}",
              f"sed_modules = {_fmt_list(CIGALE_MODULES)}", "analysis_method = savefluxes", f"cores = {int(cores)}"]
     if not init_only:
@@ -424,7 +474,6 @@ def read_cigale_savefluxes(path):
     sfh.integrated (formed mass, 1 when normalised) gives log10_mass; universe.redshift, if present, must be
     0 (CIGALE then puts the model at 10 pc). Rows are returned sorted by id.
     """
-    from astropy.table import Table
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such savefluxes file")
@@ -457,8 +506,6 @@ def read_cigale_savefluxes(path):
 
 def simulate_pcigale(n, seed, workdir):
     """simulate() through pcigale (if installed): same prior draw, CIGALE computes 1 Msun models, scaled here."""
-    import shutil
-    import subprocess
     if shutil.which("pcigale") is None:
         raise RuntimeError("--backend pcigale needs pcigale (https://cigale.lam.fr, not on PyPI) and its "
                            "database built; `pcigale` is not on PATH. Use the default numpy backend.")
@@ -497,11 +544,12 @@ def main(argv=None):
     p.add_argument("--cigale-dir", default=None,
                    help="pcigale working directory (default: OUT with suffix .cigale)")
     args = p.parse_args(argv)
-    if args.n < 1:
-        p.error("--n must be >= 1")
+    if args.n < 1 or args.chunk < 1 or args.seed < 0:
+        p.error("--n and --chunk must be >= 1, --seed >= 0")
     t0 = time.perf_counter()
+    if Path(args.out).is_dir() or Path(args.out).parent.is_file():
+        p.error(f"--out {args.out}: needs a file name in a directory")
     if args.backend == "pcigale":
-        import subprocess
         try:
             sim = simulate_pcigale(args.n, args.seed, args.cigale_dir or Path(args.out).with_suffix(".cigale"))
         except (RuntimeError, subprocess.CalledProcessError) as err:

@@ -17,9 +17,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cinn  # noqa: E402
 import evaluate as ev  # noqa: E402
+import preprocess  # noqa: E402
+import simulate  # noqa: E402
+import train  # noqa: E402
 
 
 def time_call(f, repeat=5):
@@ -53,21 +58,17 @@ def bench_mean_shift(seed):
 
 
 def bench_job(model_path, obs_path, n, samples, seed, device=None):
-    import torch
-    import cinn
-    import simulate
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if obs_path:
         x = simulate.load_npz(obs_path, required=("x",))["x"][:n]
     else:
-        import preprocess
         sim = simulate.simulate(n, seed=seed)
         x = preprocess.observe(sim, np.random.default_rng(seed))["x"]
     if model_path:
         model, what = cinn.load(model_path, device=device), f"model {model_path}"
     else:
-        model = cinn.CINN(x_mean=x.mean(0), x_std=x.std(0)).to(device or cinn.default_device())
-        what = "UNTRAINED cINN, default architecture (timing of sampling only; prior-like posteriors)"
+        model = cinn.build("refined", train.PROFILES["quick"][0], None, x.mean(0), x.std(0)).to(device or cinn.default_device())
+        what = "UNTRAINED refined cINN of the quick profile (timing of sampling only; prior-like posteriors)"
     n = len(x)
     print(f"\nfull job on {n} clusters x {samples} samples, {what}, device {model.device}, "
           f"torch threads {torch.get_num_threads()}:")
@@ -77,7 +78,7 @@ def bench_job(model_path, obs_path, n, samples, seed, device=None):
         t0, c0 = time.perf_counter(), time.process_time()
         s = model.sample(x[i:i + chunk], samples, seed=seed + i)
         t1, c1 = time.perf_counter(), time.process_time()
-        ev.summarize(s, progress=False)
+        ev.summarize(s)
         t2, c2 = time.perf_counter(), time.process_time()
         t_s += t1 - t0
         t_m += t2 - t1

@@ -25,7 +25,7 @@ import simulate  # noqa: E402
 
 
 def simulated_clusters(n, seed):
-    """theta (n, 3) with the jittered age label, observed fluxes, r*, distances (DESIGN Sect. 3)."""
+    """theta (n, 3) with the jittered age label, observed fluxes, r*, distances (SPEC.md Sect. 3)."""
     rng = np.random.default_rng(seed)
     pr = simulate.sample_prior(n, rng)
     d = rng.uniform(*simulate.DISTANCE_RANGE_MPC, n)

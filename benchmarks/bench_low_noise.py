@@ -4,7 +4,7 @@ Real catalogues have relative errors of 5-20 % in most bands, while training dra
 all five errors below 0.12 are ~1e-3 of the training set. This prints, per model and r_max, the test NLL, the
 coverage of central 68 % intervals and the median |posterior median - truth|. Asserts nothing.
 
-    python benchmarks/bench_low_noise.py --models runs/final runs/floor2 [--n 2000] [--r-max 0.5 0.12] [--seed 11]
+    python benchmarks/bench_low_noise.py --models RUN_A RUN_B [--n 2000] [--r-max 0.5 0.12] [--seed 11]
 """
 import argparse
 import os
@@ -22,8 +22,8 @@ import simulate     # noqa: E402
 def observe_with(sim, rng, r_max):
     """preprocess.observe with the relative errors drawn from U[0, r_max]."""
     t_label = preprocess.jitter_age(sim["age_myr"], rng)
-    d = rng.uniform(*preprocess.DISTANCE_RANGE_MPC, len(t_label))
-    flux, rel = preprocess.add_noise(sim["flux_10pc_mjy"] * (preprocess.PC10_IN_MPC / d[:, None]) ** 2, rng,
+    d = rng.uniform(*simulate.DISTANCE_RANGE_MPC, len(t_label))
+    flux, rel = preprocess.add_noise(sim["flux_10pc_mjy"] * (simulate.PC10_IN_MPC / d[:, None]) ** 2, rng,
                                      r_max=r_max)
     theta = np.column_stack([np.log10(t_label), sim["log10_mass"], sim["ebv"]])
     return theta, preprocess.make_x(flux, rel, d)

@@ -103,6 +103,10 @@ def test_domain_flags_bits():
     flags = catalogs.domain_flags(rel, cat_rel, d)
     assert flags.tolist() == [0, 1, 4, 2]
     assert catalogs.flag_names(flags).tolist() == ["", "rel_err", "uv_err", "distance"]
+    flux = np.full((4, 5), 1e-3)
+    flux[1, 2], flux[2, 0] = 1e30, 1e-30                      # no cluster of the prior is that bright or faint
+    flags = catalogs.domain_flags(rel, cat_rel, d, flux)
+    assert flags.tolist() == [0, 1 | 8, 4 | 8, 2]
 
 
 # ---------------------------------------------------------------------------------------------- PHANGS
@@ -165,7 +169,7 @@ def test_read_phangs_flags(tmp_path):
     t.write(tmp_path / "p.fits")
     obs, _, rep = catalogs.read_phangs(tmp_path / "p.fits", 35.0)  # outside 1-30 Mpc: all flagged
     assert obs["flags"].tolist() == [4 | 2, 1 | 2, 2]
-    assert rep["flagged"] == {"rel_err": 1, "distance": 3, "uv_err": 1}
+    assert rep["flagged"] == {"rel_err": 1, "distance": 3, "uv_err": 1, "flux_range": 0}
     assert rep["kept"] == 3
 
 
@@ -255,18 +259,30 @@ def legus_file(tmp_path, rows, name="hlsp_legus_hst_wfc3_ngc9999_multiband_v1_pa
     return write(tmp_path / name, "".join(rows))
 
 
+def test_legus_sky_positions_out_of_range_and_binary_files_are_refused(tmp_path):
+    row = legus_row(1).split()
+    row[4] = "150.0"                                     # Dec 150: not a declination, a wrong column
+    with pytest.raises(ValueError, match="Dec outside"):
+        catalogs.read_legus(legus_file(tmp_path, [" ".join(row) + "\n"]), 10.0)
+    binary = tmp_path / "hlsp_legus_hst_wfc3_ngc1_multiband.tab"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="not a text file"):
+        catalogs.read_legus(binary, 10.0)
+
+
 def test_legus_sentinels_and_classes(tmp_path):
     rows = [legus_row(1), legus_row(2, mags=(66.666, 21.5, 22, 22.2, 21.8), errs=(66.666, .1, .05, .05, .05)),
             legus_row(3, mags=(21, 99.999, 22, 22.2, 21.8), errs=(.1, 99.999, .05, .05, .05)),
             legus_row(4, mags=(21, 21.5, -9999, 22.2, 21.8)), legus_row(5, mags=(21, 21.5, float("nan"), 22.2, 21.8)),
             legus_row(6, errs=(.1, .1, -0.05, .05, .05)), legus_row(7, cls=3.0), legus_row(8, cls=2.0),
-            legus_row(9, errs=(0.2, 0.1, 0.05, 0.05, 0.05)), legus_row(10, mags=(21, 21.5, 22, 44.444, 21.8))]
+            legus_row(9, errs=(0.2, 0.1, 0.05, 0.05, 0.05)), legus_row(10, mags=(21, 21.5, 22, 44.444, 21.8)),
+            legus_row(11, mags=(21, 21.5, 22, 0.0, 21.8)), legus_row(12, mags=(21, 21.5, 22, -21.0, 21.8))]
     obs, est, rep = catalogs.read_legus(legus_file(tmp_path, rows), 10.0)
     assert obs["id"].tolist() == [1, 8, 9]
     d = rep["dropped"]
     assert d["not in the field of view in a band (66.666)"] == 1
     assert d["not detected in a band (99.999)"] == 1
-    assert d["invalid magnitude in a band (NaN, 44.444 or other sentinel)"] == 3
+    assert d["invalid magnitude in a band (NaN, <= 0, > 40, 44.444 or other sentinel)"] == 5   # 0 and -21: impossible
     assert d["invalid magnitude error in a band (NaN, < 0 or sentinel)"] == 1
     assert d["class not 1 or 2"] == 1
     # 0.2 mag -> 18.4 % flux error -> UV flag? no (< 40 %); rel_err flag? no
@@ -432,64 +448,6 @@ def test_read_table_property(tmp_path_factory, fluxes, rel):
     assert rep["rows"] == rep["kept"] + sum(rep["dropped"].values())
 
 
-# ---------------------------------------------------------------------------------------------- run_catalog
-
-def test_run_catalog_smoke(tmp_path):
-    """Catalogue -> untrained tiny cINN -> result tables (ECSV + FITS identical), inliers, flags."""
-    import argparse
-
-    import cinn
-    import torch
-    torch.set_num_threads(1)
-    model = cinn.CINN(dict(n_blocks=2, width=16, cond_width=16, cond_dim=8), seed=0)
-    cinn.save(tmp_path / "model.pt", model)
-    syn = catalogs.make_synthetic_phangs(tmp_path / "syn.fits", 40, seed=2, distance_mpc=10.0)
-    ap = argparse.ArgumentParser()
-    catalogs.add_catalog_parser(ap.add_subparsers())
-    args = ap.parse_args(["catalog", "--input", str(tmp_path / "syn.fits"), "--format", "phangs", "--distance", "10",
-                          "--model", str(tmp_path), "--out", str(tmp_path / "res.ecsv"), "--samples", "300"])
-    tab = args.func(args)
-    ecsv = Table.read(tmp_path / "res.ecsv")
-    fits = Table.read(tmp_path / "res.fits")
-    assert len(ecsv) == len(fits) == len(tab) > 0
-    np.testing.assert_allclose(ecsv["log10_age_myr_map"], fits["log10_age_myr_map"])
-    kept = syn[np.isin(syn["PHANGS_CLUSTER_CLASS_HUMAN"], (1, 2)) & (syn["PHANGS_NO_COVERAGE_FLAG"] == 0)
-               & (syn["PHANGS_NON_DETECTION_FLAG"] == 0)]
-    np.testing.assert_array_equal(ecsv["id"], kept["ID_PHANGS_CLUSTERS"])
-    # quantiles ordered; current stellar mass below initial mass (M*/m0 <= 1)
-    for p in catalogs.RESULT_PARAMS:
-        assert np.all(ecsv[f"{p}_q16"] <= ecsv[f"{p}_q50"]) and np.all(ecsv[f"{p}_q50"] <= ecsv[f"{p}_q84"])
-    assert np.all(ecsv["log10_mstar_map"] <= ecsv["log10_mass_map"] + 1e-12)
-    assert np.all(np.isfinite(ecsv["chi2_resim_map"]))
-    # the densest sample: one of the cluster's samples, its age reported as the 1 Myr bin
-    assert all(np.all(np.isfinite(ecsv[f"{p}_densest"])) for p in ("log10_age_myr", "log10_mass", "ebv"))
-    k = 10 ** ecsv["log10_age_myr_densest"]
-    np.testing.assert_allclose(k, np.rint(k), rtol=1e-12)
-    inl = Table.read(tmp_path / "res_inliers.ecsv")
-    assert list(inl["reference"]) == ["grid MLE"] * 4 + ["catalogue (phangs)"] * 3
-    assert list(inl["parameter"]) == list(catalogs.RESULT_PARAMS) + ["log10_age_myr", "log10_mstar", "ebv"]
-    inl = inl[inl["reference"] == "catalogue (phangs)"]
-    for what in ("vs_grid_mle", "vs_catalogue"):
-        for fig in ("map_vs_mle", "chi2", "width"):
-            assert (tmp_path / f"res_{what}_{fig}.png").stat().st_size > 1000
-    assert (tmp_path / "res_examples.png").stat().st_size > 1000
-    # the grid MLE minimises chi^2: it beats the truth (the catalogue column here) up to the E(B-V) node spacing
-    assert np.mean(ecsv["chi2_resim_mle"] <= ecsv["chi2_resim_cat"] * 1.01 + 1e-6) >= 0.9
-    # the truth (stored as the catalogue estimate) inside the 16-84 % interval, recomputed by hand
-    inside = (np.log10(kept["PHANGS_AGE_MINCHISQ"]) >= ecsv["log10_age_myr_q16"]) & (
-        np.log10(kept["PHANGS_AGE_MINCHISQ"]) <= ecsv["log10_age_myr_q84"])
-    assert inl["ref_in_cinn_16_84_pct"][0] == pytest.approx(100 * inside.mean())
-    # same seed -> same table, to the float32 network's rounding: in 2 of 5 full CI-like runs (2 threads) the
-    # medians of 3 of 31 clusters differed by one float32 ulp (6e-8) between two calls in one process, a CPU
-    # kernel effect we could not reproduce in isolation; a different seed moves them by ~3e-2
-    args.out, args.no_mle, args.no_figures = str(tmp_path / "res2.ecsv"), True, True
-    args.func(args)
-    np.testing.assert_allclose(Table.read(tmp_path / "res2.ecsv")["ebv_q50"], ecsv["ebv_q50"], rtol=2.4e-7, atol=0)
-    args.out, args.seed = str(tmp_path / "res3.ecsv"), args.seed + 1
-    args.func(args)
-    assert np.median(np.abs(Table.read(tmp_path / "res3.ecsv")["ebv_q50"] - ecsv["ebv_q50"])) > 1e-4
-
-
 @HYP
 @given(st.lists(st.tuples(st.sampled_from(["ok", "nan", "zero", "neg", "sentinel", "err_nan", "err_neg"]),
                           st.integers(0, 4), st.sampled_from([1, 2, 3, 4]), st.integers(0, 1), st.integers(0, 1)),
@@ -521,24 +479,6 @@ def test_read_phangs_property(tmp_path_factory, rows):
     assert obs["id"].tolist() == [i + 1 for i, v in enumerate(valid) if v]
     assert rep["rows"] == len(rows) == rep["kept"] + sum(rep["dropped"].values())
     assert np.all(np.isfinite(obs["x"]))
-
-
-def test_inliers_by_field_matches_hand_count():
-    rng = np.random.default_rng(4)
-    n = 9
-    q = np.sort(rng.normal(size=(n, 3, 4)), axis=1)
-    modes = rng.normal(size=(n, 3, 4))
-    th = rng.normal(size=(n, 4))
-    mle = {"theta": th, "lo": th - 0.5, "hi": th + 0.5}
-    field = np.array(list("aaabbbbcc"))
-    t = catalogs.inliers_by_field(field, ["a", "b", "c"], {"quantiles": q, "modes": modes}, mle, None, "legus")
-    assert len(t) == 3 * 4 and t.colnames[0] == "field"
-    s = field == "b"
-    inside = (th[s, 1] >= q[s, 0, 1]) & (th[s, 1] <= q[s, 2, 1])
-    row = t[(t["field"] == "b") & (t["parameter"] == "log10_mass")][0]
-    assert row["ref_in_cinn_16_84_pct"] == pytest.approx(100 * inside.mean())
-    in_mle = np.abs(modes[s, 0, 1] - th[s, 1]) <= 0.5
-    assert row["cinn_map_in_ref_1sigma_pct"] == pytest.approx(100 * in_mle.mean())
 
 
 def test_read_many_concatenates_fields(tmp_path):

@@ -1,5 +1,6 @@
 """Tests of the hand-written cINN (cinn.py): invertibility, Jacobians, normalisation, sampling, checkpoints."""
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,14 +9,20 @@ from scipy import stats
 
 import cinn
 import preprocess as pp
+import refinements as rf
+from conftest import ROOT
+from simulate import age_bin
 
 SMALL = dict(n_blocks=4, width=32, depth=2, cond_dim=8, cond_width=32, cond_depth=1, final_init=1.0, clamp=1.5)
+FLOOR_ONLY = rf.Settings(mass_ridge=False, ebv_ridge=False, age_beta=0.0)
 
 
-def random_model(seed=0, dtype=torch.float64, **over):
-    cfg = dict(SMALL, **over)
+def random_model(seed=0, dtype=torch.float64, settings=None, **over):
+    """A random model: the paper's method, or the refined one with `settings`."""
+    cfg = cinn.FlowConfig(**dict(SMALL, **over))
     rng = np.random.default_rng(seed)
-    model = cinn.CINN(cfg, x_mean=rng.normal(size=11), x_std=rng.uniform(0.5, 2, 11), seed=seed)
+    model = cinn.build("paper" if settings is None else "refined", cfg, settings, x_mean=rng.normal(size=11),
+                       x_std=rng.uniform(0.5, 2, 11), seed=seed)
     return model.to(dtype).eval()
 
 
@@ -56,7 +63,7 @@ def test_permutations_fixed_by_own_seed_not_global_state():
     torch.manual_seed(999)
     np.random.seed(999)
     b = random_model(3, perm_seed=5)
-    for k in range(SMALL["n_blocks"]):
+    for k in range(a.config.n_blocks):
         assert torch.equal(getattr(a, f"perm{k}"), getattr(b, f"perm{k}"))
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
@@ -78,10 +85,10 @@ def test_density_of_random_model_integrates_to_one_in_u_space():
     assert float(torch.max(torch.abs(logp - std_normal)[std_normal > -6])) > 0.5
 
 
-@pytest.mark.parametrize("floor_scale,ridge,age_profile,moments", [(0.0, False, 0.0, False), (0.1, False, 0.0, False),
-                                                                   (0.0, True, 0.0, False), (0.0, True, 0.0, True),
-                                                                   (0.1, False, 0.5, False)])
-def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, age_profile, moments):
+@pytest.mark.parametrize("settings", [None, FLOOR_ONLY, rf.Settings(floor_scale=0.0, ebv_ridge=False, age_beta=0.0,
+                                                                   support=False),
+                                      rf.Settings(mass_ridge=False, ebv_ridge=False, age_beta=0.5), rf.Settings()])
+def test_samples_agree_with_exp_log_prob_in_physical_units(settings):
     """3-D histogram of sample() vs exp(log_prob) integrated over the same bins (physical coordinates).
 
     Bins cover the central 80 % of each axis: there the physical density is smooth and a midpoint rule is
@@ -92,7 +99,9 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, a
     age (at 12 the rule is off by up to 10 sigma on spiky profiles; converged at 150), 8 in mass and E(B-V)
     (time); using the plain transform's bin edges in log_prob fails it.
     """
-    model = random_model(5, floor_scale=floor_scale, ridge=ridge, age_profile=age_profile, band_moments=moments)
+    model = random_model(5, settings=settings)
+    s_ = settings or rf.Settings(floor_scale=0.0, mass_ridge=False, ebv_ridge=False, age_beta=0.0, support=False)
+    floor_scale, ridge, age_profile = s_.floor_scale, s_.mass_ridge, s_.age_beta
     rng = np.random.default_rng(5)
     x = random_x(rng, 1)
     if floor_scale or ridge:     # a cluster whose floor (ridge) cuts through the box tested below
@@ -104,13 +113,13 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, a
     assert s.shape == (n, 3)
     lo, hi = pp.THETA_BOUNDS[:, 0], pp.THETA_BOUNDS[:, 1]
     assert np.all((s >= lo) & (s <= hi))
-    floor = pp.log_mass_floor(s[:, 0], s[:, 2], x[0])
-    assert np.any(s[:, 1] < floor) != bool(floor_scale)   # only the floor model respects the floor
+    floor = np.clip(rf.raw_mass_floor(s[:, 0], s[:, 2], x[0]), 2.0, 8.0)
+    assert np.any(s[:, 1] < floor - 1e-6) != s_.support   # only a model truncated to the support respects it
     if floor_scale:
         assert 0.2 < np.mean(floor > 2.5) and np.mean(floor > 7.9) < 0.05
     lo_in, hi_in = lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)
     if ridge:
-        c, w = pp.log_mass_ridge(s[:, 0], s[:, 2], x[0], moments)
+        c, w = rf.mass_ridge(s[:, 0], s[:, 2], x[0])
         assert np.mean(np.abs(s[:, 1] - c) < 5 * w) > 0.7 and w < 0.2       # the samples follow the ridge
         s = s.copy()
         s[:, 1] = (s[:, 1] - c) / w
@@ -121,7 +130,7 @@ def test_samples_agree_with_exp_log_prob_in_physical_units(floor_scale, ridge, a
     mids = [lo_in[i] + (np.arange(nb * sub[i]) + 0.5) * (hi_in[i] - lo_in[i]) / (nb * sub[i]) for i in range(3)]
     pts = np.stack(np.meshgrid(*mids, indexing="ij"), -1).reshape(-1, 3)
     if ridge:
-        c, w = pp.log_mass_ridge(pts[:, 0], pts[:, 2], x[0], moments)
+        c, w = rf.mass_ridge(pts[:, 0], pts[:, 2], x[0])
         pts[:, 1] = c + w * pts[:, 1]
     dens = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0))) * (w if ridge else 1.0)
     cell = np.prod((hi_in - lo_in) / (nb * sub))
@@ -140,8 +149,7 @@ def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds()
     u = pp.theta_to_u(theta)
     with torch.no_grad():
         lpu = model.log_prob_u(torch.as_tensor(u), torch.as_tensor(x)).numpy()
-    np.testing.assert_allclose(model.log_prob(theta, x, age_bins=False), lpu + pp.log_det_theta_to_u(theta),
-                               rtol=1e-10)
+    np.testing.assert_allclose(model.log_prob(theta, x), lpu + pp.log_du_dtheta(theta).sum(1), rtol=1e-10)
     out = theta.copy()
     out[0, 1] = 8.5
     lp = model.log_prob(out, x)
@@ -151,16 +159,16 @@ def test_log_prob_physical_equals_u_density_plus_transform_jacobian_and_bounds()
     np.testing.assert_allclose(many[:, 2], model.log_prob(theta, x))
 
 
-@pytest.mark.parametrize("floor_scale,ridges,age_profile,moments", [(0.0, False, 0.0, False), (0.1, False, 0.0, False),
-                                                                    (0.1, True, 0.0, False), (0.1, True, 0.5, False),
-                                                                    (0.1, True, 1.0, True)])
-def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges, age_profile, moments):
+@pytest.mark.parametrize("settings", [rf.Settings(floor_scale=0.0, mass_ridge=False, ebv_ridge=False, age_beta=0.0,
+                                                  support=False), FLOOR_ONLY, rf.Settings(age_beta=0.0), rf.Settings(age_beta=0.5),
+                                      rf.Settings()])
+def test_age_bin_density_is_the_flow_integrated_over_the_bin(settings):
     """q_bin(log t', m, E) = Q(k, m, E) t' ln 10 with Q the flow's integral over the 1 Myr bin k: checked
     against a trapezoid rule in log t' (not u, where log_prob integrates), for the first 40 bins. With the
     ridges u_m and u_E depend on the bin (constant inside it), so the integral in u_0 alone still holds; with
     the age profile u_0 is its CDF, no longer the plain transform."""
-    model = random_model(11, floor_scale=floor_scale, ridge=ridges, ebv_ridge=ridges, age_profile=age_profile,
-                         band_moments=moments)
+    model = random_model(11, settings=settings)
+    floor_scale, ridges = settings.floor_scale, settings.mass_ridge
     rng = np.random.default_rng(11)
     x = random_x(rng, 1)
     if floor_scale:
@@ -168,14 +176,14 @@ def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges
     m, e = 5.5, 0.4
     if ridges:                         # a brighter cluster, near both ridges at 20 Myr: density not negligible
         x[0, :5], x[0, 5:10] = [-2.0, -2.2, -2.1, -2.0, -1.8], 0.1
-        e = float(np.clip(pp.ebv_from_colours(np.log10(20.0), x[0], moments)[0], 0.05, 1.45))
-        m = float(pp.log_mass_ridge(np.log10(20.0), e, x[0], moments)[0])
+        e = float(np.clip(rf.ebv_ridge(np.log10(20.0), x[0])[0], 0.05, 1.45))
+        m = float(rf.mass_ridge(np.log10(20.0), e, x[0])[0])
     k = np.arange(2, 41)
     q_bin, q_trap = [], []
     for kk in k:
         ell = np.linspace(np.log10(kk - 0.5), np.log10(kk + 0.5), 2001)[1:-1]   # edges belong to two bins
         pts = np.column_stack([ell, np.full_like(ell, m), np.full_like(ell, e)])
-        flow = np.exp(model.log_prob(pts, np.repeat(x, len(pts), 0), age_bins=False))
+        flow = np.exp(model.flow_log_prob(pts, np.repeat(x, len(pts), 0)))
         q_trap.append(np.trapezoid(flow, ell) + (ell[1] - ell[0]) * (flow[0] + flow[-1]))   # end segments
         binned = model.log_prob(pts[[0, 1000, -1]], np.repeat(x, 3, 0))
         t = 10.0 ** pts[[0, 1000, -1], 0]
@@ -188,14 +196,16 @@ def test_age_bin_density_is_the_flow_integrated_over_the_bin(floor_scale, ridges
 
 
 def test_age_bin_samples_redraw_the_label_inside_the_flow_samples_bin():
-    model = random_model(12, floor_scale=0.1)
+    model = random_model(12, settings=rf.Settings(mass_ridge=False, ebv_ridge=False, age_beta=0.0, support=False))
+    flow_only = random_model(12, settings=rf.Settings(mass_ridge=False, ebv_ridge=False, age_beta=0.0, support=False,
+                                                       age_bins=False))
     rng = np.random.default_rng(12)
     x = random_x(rng, 2)
-    flow = model.sample(x, 50_000, seed=4, age_bins=False)
+    flow = flow_only.sample(x, 50_000, seed=4)
     binned = model.sample(x, 50_000, seed=4)
     np.testing.assert_array_equal(binned[..., 1:], flow[..., 1:])       # mass and E(B-V) untouched
-    np.testing.assert_array_equal(pp.age_bin(binned[..., 0]), pp.age_bin(flow[..., 0]))
-    t, k = 10.0 ** binned[..., 0].astype(np.float64), pp.age_bin(binned[..., 0])
+    np.testing.assert_array_equal(age_bin(binned[..., 0]), age_bin(flow[..., 0]))
+    t, k = 10.0 ** binned[..., 0].astype(np.float64), age_bin(binned[..., 0])
     young = k <= 20                                                   # wide bins: the flow is not uniform in t'
     frac = (t - k + 0.5)[young]
     assert young.sum() > 5000
@@ -209,31 +219,34 @@ def test_samples_truncated_to_the_support_and_log_prob_renormalised():
     model allows no mass (the floor of their (t', E) above 8; the transform parks them on m = 8). sample()
     re-draws them: none is left outside, and the draws are the flow's own draws inside the support (two-sample
     KS per coordinate). log_prob is the flow's density minus log Z, Z the share inside, and -inf outside."""
-    model = random_model(6, floor_scale=0.1)
+    model = random_model(6, settings=FLOOR_ONLY)
+    untruncated = random_model(6, settings=rf.Settings(mass_ridge=False, ebv_ridge=False, age_beta=0.0, support=False))
     x = random_x(np.random.default_rng(6), 1)
     x[0, :5], x[0, 5:10], x[0, 10] = np.array([0.0, -0.2, -0.1, 0.0, 0.2]) - 2.0, 0.45, 10.0
-    raw = model.sample(x, 40_000, seed=1, support=False)[0]
-    out = pp.below_floor(raw, x[0])
+    raw = untruncated.sample(x, 40_000, seed=1)[0]
+    out = rf.below_floor(raw, x[0])
     assert 0.2 < out.mean() < 0.4 and np.mean(raw[out, 1] > 7.99) > 0.9
     with warnings.catch_warnings():
         warnings.simplefilter("error")                   # every draw outside is replaced: no warning
         kept = model.sample(x, 40_000, seed=2)[0]
-    assert not np.any(pp.below_floor(kept, x[0]))
+    assert not np.any(rf.below_floor(kept, x[0]))
     with pytest.warns(UserWarning, match="left outside the noise model's support"):
-        model.sample(x, 1000, seed=2, max_rounds=0)       # none replaced: they stay, and the user is told
+        no_rounds = random_model(6, settings=replace(FLOOR_ONLY, support_rounds=0))
+        no_rounds.sample(x, 1000, seed=2)                 # none replaced: they stay, and the user is told
     for j in range(3):
         assert stats.ks_2samp(kept[:, j], raw[~out, j]).pvalue > 1e-3
     assert stats.ks_2samp(kept[:, 1], raw[:, 1]).pvalue < 1e-6          # ... and not the untruncated flow's
     theta = np.concatenate([raw[~out][:50], raw[out][:50]])
     xs = np.repeat(x, 100, axis=0)
-    flow, trunc = model.log_prob(theta, xs, support=False), model.log_prob(theta, xs, n_support=20_000)
+    precise = random_model(6, settings=replace(FLOOR_ONLY, n_support=20_000))
+    flow, trunc = untruncated.log_prob(theta, xs), precise.log_prob(theta, xs)
     np.testing.assert_allclose(trunc[:50] - flow[:50], -np.log(1 - out.mean()), atol=0.03)
-    assert np.all(np.isneginf(trunc[50:])) and np.all(np.isneginf(flow[50:]))
-    np.testing.assert_allclose(model.log_support(xs[:3], 20_000), np.log(1 - out.mean()), atol=0.03)
+    assert np.all(np.isneginf(trunc[50:])) and np.all(np.isfinite(flow[50:]))     # the untruncated flow: finite
+    np.testing.assert_allclose(model.transform.log_support(model, xs[:3], 20_000), np.log(1 - out.mean()), atol=0.03)
 
 
 def test_checkpoint_round_trip_identical_samples(tmp_path):
-    model = random_model(7, dtype=torch.float32, floor_scale=0.1, ridge=True, ebv_ridge=True)
+    model = random_model(7, dtype=torch.float32, settings=rf.Settings(age_beta=0.5, floor_scale=0.05))
     rng = np.random.default_rng(7)
     x = random_x(rng, 30)
     path = tmp_path / "model.pt"
@@ -242,7 +255,7 @@ def test_checkpoint_round_trip_identical_samples(tmp_path):
     np.testing.assert_array_equal(loaded.sample(x, 100, seed=3), model.sample(x, 100, seed=3))
     np.testing.assert_array_equal(loaded.log_prob(np.full((30, 3), 1.0), x),
                                   model.log_prob(np.full((30, 3), 1.0), x))
-    assert loaded.extra["note"] == "test" and loaded.config == model.config      # the transform options too
+    assert loaded.extra["note"] == "test" and loaded.config == model.config and loaded.transform.settings == model.transform.settings
     assert not np.array_equal(loaded.sample(x, 100, seed=3), loaded.sample(x, 100, seed=4))
     with pytest.raises(FileNotFoundError):
         cinn.load(tmp_path / "missing.pt")
@@ -262,30 +275,29 @@ def test_sample_batches_and_input_checks():
         model.sample(bad, 10)
 
 
-def test_checkpoint_refuses_another_age_profile_setting(tmp_path, monkeypatch):
-    """The age profile's constants travel with the checkpoint: a model reads back under the same constants,
-    and loading under others (here the prior share) is an error, not a silently different posterior."""
-    model = random_model(8, dtype=torch.float32, floor_scale=0.1, age_profile=0.5)
-    path = tmp_path / "model.pt"
-    cinn.save(path, model)
-    x = random_x(np.random.default_rng(8), 3)
-    np.testing.assert_array_equal(cinn.load(path).sample(x, 50, seed=1), model.sample(x, 50, seed=1))
-    monkeypatch.setattr(pp, "AGE_PROFILE_PRIOR", 0.2)
-    with pytest.raises(ValueError, match="age profile"):
-        cinn.load(path)
-
-
-def test_checkpoint_without_a_band_shape_reads_as_lognormal(tmp_path, monkeypatch):
-    """Checkpoints written before band_shape carry no "shape": their profile was the log-normal one, so they
-    load only with AGE_PROFILE_SHAPE = "lognormal" (and then sample as they were trained)."""
-    model = random_model(9, dtype=torch.float32, floor_scale=0.1, age_profile=0.5)
+def test_checkpoint_of_another_format_is_refused_with_its_path(tmp_path):
+    """Checkpoints of the format before the refinements had their own module are not read: a message that
+    names the file, not a traceback from a missing key."""
+    model = random_model(8, dtype=torch.float32)
     path = tmp_path / "model.pt"
     cinn.save(path, model)
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["age_profile"]["shape"]
+    ckpt["format_version"] = 1
     torch.save(ckpt, path)
-    with pytest.raises(ValueError, match="age profile"):
+    with pytest.raises(ValueError, match="model.pt: checkpoint format 1"):
         cinn.load(path)
-    monkeypatch.setattr(pp, "AGE_PROFILE_SHAPE", "lognormal")
-    x = random_x(np.random.default_rng(9), 3)
-    np.testing.assert_array_equal(cinn.load(path).sample(x, 50, seed=1), model.sample(x, 50, seed=1))
+
+
+def test_paper_method_samples_without_the_refinements_or_the_exact_posterior(tmp_path):
+    """A paper-method model is loaded, sampled and evaluated without importing refinements.py or
+    grid_posterior.py (a fresh interpreter); a refined one needs them."""
+    import subprocess
+    import sys
+    for method, settings in (("paper", None), ("refined", FLOOR_ONLY)):
+        cinn.save(tmp_path / f"{method}.pt", random_model(8, dtype=torch.float32, settings=settings))
+        code = ("import sys, numpy as np, cinn; m = cinn.load(sys.argv[1], device='cpu'); x = np.tile([-3, -3, -3, -3, "
+                "-3, .1, .1, .1, .1, .1, 10.], (2, 1)); s = m.sample(x, 20, seed=0); m.log_prob(s[:, 0], x); "
+                "print(sorted(k for k in ('refinements', 'grid_posterior') if k in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{method}.pt")], cwd=str(ROOT),
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == ("[]" if method == "paper" else "['grid_posterior', 'refinements']")

@@ -2,7 +2,13 @@
 import numpy as np
 import pytest
 
+from astropy.table import Table
+
+import catalogs
+import cinn
 import evaluate as ev
+import plots
+import refinements as rf
 
 
 # ---------------------------------------------------------------- toy model with a known exact posterior
@@ -106,10 +112,13 @@ def test_sbc_product_statistics_catch_wrong_correlations():
     assert all(s["inside_simultaneous_band"] for s in s_bad["statistics"][:3]), s_bad
     assert not s_bad["statistics"][3]["inside_simultaneous_band"], s_bad
 
-def test_plot_sbc_writes_png(tmp_path):
+def test_sbc_check_returns_the_figure_numbers_and_plots(tmp_path):
     rng = np.random.default_rng(2)
-    ranks = rng.integers(0, 21, size=(300, 6))
-    ev.plot_sbc(ranks, 20, tmp_path / "sbc.png")
+    theta, mean, sd = toy_pairs(300, rng)
+    res = ev.sbc_check(toy_samples(mean, sd, 20, rng), theta)
+    assert res["ranks"].shape == (300, 6) and res["ecdf_diff"].shape == (6, 20) and res["L"] == 20
+    assert res["summary"] == ev.sbc_summary(res["ranks"], 20)
+    plots.plot_sbc(tmp_path / "sbc.png", res)
     assert (tmp_path / "sbc.png").stat().st_size > 10_000
 
 
@@ -138,24 +147,6 @@ def test_densest_sample_picks_the_sample_of_highest_exact_density():
     np.testing.assert_allclose(got, np.column_stack([np.log10(np.rint(10 ** truth[:, 0])), truth[:, 1:]]))
 
 
-def test_map_density_gap_is_zero_at_the_map_large_elsewhere_nan_where_unknown():
-    """log p(MAP) - log p(point) from the exact density: 0 at the MAP itself, equal to the direct difference
-    of log_map_density values elsewhere (large for a wrong age of a precise cluster), NaN for a NaN point."""
-    simulate = pytest.importorskip("simulate")
-    gp = pytest.importorskip("grid_posterior")
-    truth = np.array([[np.log10(25.0), 5.2, 0.31], [np.log10(4100.0), 6.7, 0.05], [np.log10(3.0), 3.9, 0.8]])
-    d = np.array([3.0, 12.0, 20.0])
-    flux = simulate.model_flux(np.rint(10 ** truth[:, 0]), truth[:, 2], truth[:, 1], d)
-    r = np.full((3, 5), 0.02)
-    np.testing.assert_array_equal(ev.map_density_gap(truth, truth, flux, r, d), 0.0)
-    other = truth + [[1.0, 0.0, 0.0], [-0.5, 0.1, 0.0], [np.nan, 0.0, 0.0]]
-    gap = ev.map_density_gap(other, truth, flux, r, d)
-    for i in range(2):
-        v, _ = gp.log_map_density(np.stack([truth[i], other[i]]), flux[i], r[i], d[i])
-        assert gap[i] == pytest.approx(v[0] - v[1], abs=1e-9) and gap[i] > 10
-    assert np.isnan(gap[2])
-
-
 def test_kl_near_prior_bounds_splits_a_known_case():
     """Truths at each of the four hard bounds (and NaN) against truths well inside: the split means, counts
     and the near clusters' share of the overall mean come out as constructed."""
@@ -172,12 +163,11 @@ def test_kl_near_prior_bounds_splits_a_known_case():
 def test_kl_by_floor_height_splits_a_known_case():
     """Truths placed at known heights above their own mass floor: each lands in its bin with the constructed
     mean, count and share of the overall mean (NaN left out)."""
-    import preprocess as pp
     rng = np.random.default_rng(3)
     x = np.column_stack([rng.normal(-4, 0.3, (9, 5)), rng.uniform(0.1, 0.4, (9, 5)), rng.uniform(2, 20, 9)])
     theta = np.column_stack([rng.uniform(0.5, 3, 9), np.zeros(9), rng.uniform(0, 1, 9)])
     height = np.array([0.001, 0.005, 0.02, 0.02, 0.05, 0.5, 1.0, 0.2, 0.004])
-    theta[:, 1] = pp._raw_mass_floor(theta[:, 0], theta[:, 2], x) + height
+    theta[:, 1] = rf.raw_mass_floor(theta[:, 0], theta[:, 2], x) + height
     d = np.array([2.0, 4.0, 1.0, 3.0, 0.5, 0.1, 0.3, np.nan, np.nan])
     out = ev.kl_by_floor_height(d, np.zeros(9), theta, x)
     assert [o[:2] for o in out] == [("< 0.01", 2), ("0.01-0.03", 2), ("0.03-0.1", 1), (">= 0.1", 2)]
@@ -207,24 +197,19 @@ def test_mean_shift_gaussian_finds_modes_in_density_order():
     assert np.all(np.diff(dens) < 0)
 
 
-def test_mean_shift_unimodal_gives_one_mode_and_is_fast():
-    import time
+def test_mean_shift_unimodal_gives_one_mode():
     rng = np.random.default_rng(7)
     x = rng.standard_normal((10_000, 3)) * [0.3, 0.5, 0.1] + [1.0, 4.0, 0.3]
-    ev.mean_shift(x)
-    t0 = time.perf_counter()
     modes = ev.mean_shift(x)
-    dt = time.perf_counter() - t0
     assert modes.shape == (1, 3)
     # the KDE mode of 1e4 samples scatters by ~0.1-0.15 sd per axis (20 seeds measured); allow 0.3 sd
     assert np.all(np.abs(modes[0] - [1.0, 4.0, 0.3]) < 0.3 * np.array([0.3, 0.5, 0.1])), modes
-    assert dt < 1.0       # target 0.1 s (bench_evaluate.py prints it); generous here for a busy CI machine
 
 
 def test_summarize_shapes_quantiles_and_padding():
     rng = np.random.default_rng(8)
     s = np.stack([rng.standard_normal((2000, 3)), three_mode_mixture(2000, rng)[1]])
-    out = ev.summarize(s, progress=False)
+    out = ev.summarize(s)
     assert out["modes"].shape == (2, 3, 3) and out["quantiles"].shape == (2, 3, 3)
     assert out["n_modes"][0] == 1 and np.all(np.isnan(out["modes"][0, 1:]))
     assert out["n_modes"][1] == 3
@@ -238,7 +223,7 @@ def test_closest_mode_picks_nearest():
 
 # ---------------------------------------------------------------- chi^2 (Eq. 11), inliers (Table 1)
 def test_resim_chi2_of_data_from_the_model_averages_one():
-    """Photometry from the forward model with the DESIGN Sect. 3 log-normal noise; sigma_b = r* f* (the
+    """Photometry from the forward model with the SPEC.md Sect. 3 log-normal noise; sigma_b = r* f* (the
     observed relative error times the observed flux) equals the true sigma, so chi^2 / 5 averages 1."""
     simulate = pytest.importorskip("simulate")
     preprocess = pytest.importorskip("preprocess")
@@ -309,7 +294,7 @@ def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("evalrun")
     obs = preprocess.observe(simulate.simulate(24, seed=3), np.random.default_rng(4))
     simulate.save_npz(d / "test.npz", **obs)
-    model = cinn.CINN(dict(n_blocks=2, width=16, cond_dim=8, cond_width=16),
+    model = cinn.CINN(cinn.FlowConfig(n_blocks=2, width=16, cond_dim=8, cond_width=16),
                       x_mean=obs["x"].mean(0), x_std=obs["x"].std(0))
     cinn.save(d / "model.pt", model)
     t = obs["theta"]
@@ -340,9 +325,8 @@ def test_cli_subcommands_write_outputs_and_are_reproducible(tiny_run, capsys):
     cmp = simulate.load_npz(d / "cmp" / "compare.npz", required=("chi2_map", "chi2_mle", "mle_in_cinn"))
     # the 'MLE' here is the truth: its re-simulation chi^2 (nu = 5) must be of order 1
     assert 0.2 < np.median(cmp["chi2_mle"]) < 3
-    ev.main(["throughput", *common, "--n", "3", "--samples", "200", "--out", str(d / "tp")])
     for f in ["sbc1/sbc.png", "sbc1/sbc.json", "ppc/ppc.png", "ppc/ppc.npz", "modes/post.png",
-              "cmp/compare_map_vs_mle.png", "cmp/compare_chi2.png", "cmp/compare_width.png", "tp/throughput.png"]:
+              "cmp/compare_map_vs_mle.png", "cmp/compare_chi2.png", "cmp/compare_width.png"]:
         assert (d / f).stat().st_size > 0, f
     out = capsys.readouterr().out
     assert "max|ECDF-U|" in out and "MLE in cINN 16-84%" in out
@@ -400,8 +384,100 @@ def test_cli_exact_reuses_an_earlier_exact_reference_and_checks_it_matches(tiny_
     out = simulate.load_npz(tmp_path / "ex" / "exact.npz", required=("logq_cinn", "logq_flow"))
     assert res["n_exact_failed"] == 1
     assert res["kl_mean_nats"] == pytest.approx(np.mean(fake_logp[:2] - out["logq_cinn"][:2]))
-    assert res["kl_mean_nats_flow_without_age_bins"] == pytest.approx(np.mean(fake_logp[:2] - out["logq_flow"][:2]))
+    assert res["kl_flow_mean_nats"] == pytest.approx(np.mean(fake_logp[:2] - out["logq_flow"][:2]))
     assert not (tmp_path / "ex" / "exact_examples.png").exists()
     with pytest.raises(ValueError, match="ref.npz.*same --obs and --n"):
         ev.main(["exact", "--model", str(d / "model.pt"), "--obs", str(d / "test.npz"), "--n", "2",
                  "--samples", "300", "--reuse-exact", str(tmp_path / "ref.npz"), "--out", str(tmp_path / "ex2")])
+
+
+# ---------------------------------------------------------------- the catalogue run
+
+def test_catalog_run_smoke(tmp_path):
+    """Catalogue -> untrained tiny cINN -> result tables (ECSV + FITS identical), inliers, flags."""
+    import torch
+    torch.set_num_threads(1)
+    model = cinn.CINN(cinn.FlowConfig(n_blocks=2, width=16, cond_width=16, cond_dim=8), seed=0)
+    cinn.save(tmp_path / "model.pt", model)
+    syn = catalogs.make_synthetic_phangs(tmp_path / "syn.fits", 40, seed=2, distance_mpc=10.0)
+    args = ev.build_parser().parse_args(["catalog", "--input", str(tmp_path / "syn.fits"), "--format", "phangs",
+                                         "--distance", "10", "--model", str(tmp_path), "--out",
+                                         str(tmp_path / "res.ecsv"), "--samples", "300"])
+    tab = args.func(args)
+    ecsv = Table.read(tmp_path / "res.ecsv")
+    fits = Table.read(tmp_path / "res.fits")
+    assert len(ecsv) == len(fits) == len(tab) > 0
+    np.testing.assert_allclose(ecsv["log10_age_myr_map"], fits["log10_age_myr_map"])
+    kept = syn[np.isin(syn["PHANGS_CLUSTER_CLASS_HUMAN"], (1, 2)) & (syn["PHANGS_NO_COVERAGE_FLAG"] == 0)
+               & (syn["PHANGS_NON_DETECTION_FLAG"] == 0)]
+    np.testing.assert_array_equal(ecsv["id"], kept["ID_PHANGS_CLUSTERS"])
+    # quantiles ordered; current stellar mass below initial mass (M*/m0 <= 1)
+    for p in catalogs.RESULT_PARAMS:
+        assert np.all(ecsv[f"{p}_q16"] <= ecsv[f"{p}_q50"]) and np.all(ecsv[f"{p}_q50"] <= ecsv[f"{p}_q84"])
+    assert np.all(ecsv["log10_mstar_map"] <= ecsv["log10_mass_map"] + 1e-12)
+    assert np.all(np.isfinite(ecsv["chi2_resim_map"]))
+    # the densest sample: one of the cluster's samples, its age reported as the 1 Myr bin
+    assert all(np.all(np.isfinite(ecsv[f"{p}_densest"])) for p in ("log10_age_myr", "log10_mass", "ebv"))
+    k = 10 ** ecsv["log10_age_myr_densest"]
+    np.testing.assert_allclose(k, np.rint(k), rtol=1e-12)
+    inl = Table.read(tmp_path / "res_inliers.ecsv")
+    assert list(inl["reference"]) == ["grid MLE"] * 4 + ["catalogue (phangs)"] * 3
+    assert list(inl["parameter"]) == list(catalogs.RESULT_PARAMS) + ["log10_age_myr", "log10_mstar", "ebv"]
+    inl = inl[inl["reference"] == "catalogue (phangs)"]
+    for what in ("vs_grid_mle", "vs_catalogue"):
+        for fig in ("map_vs_mle", "chi2", "width"):
+            assert (tmp_path / f"res_{what}_{fig}.png").stat().st_size > 1000
+    assert (tmp_path / "res_examples.png").stat().st_size > 1000
+    # the grid MLE minimises chi^2: it beats the truth (the catalogue column here) up to the E(B-V) node spacing
+    assert np.mean(ecsv["chi2_resim_mle"] <= ecsv["chi2_resim_cat"] * 1.01 + 1e-6) >= 0.9
+    # the truth (stored as the catalogue estimate) inside the 16-84 % interval, recomputed by hand
+    inside = (np.log10(kept["PHANGS_AGE_MINCHISQ"]) >= ecsv["log10_age_myr_q16"]) & (
+        np.log10(kept["PHANGS_AGE_MINCHISQ"]) <= ecsv["log10_age_myr_q84"])
+    assert inl["ref_in_cinn_16_84_pct"][0] == pytest.approx(100 * inside.mean())
+    # same seed -> same table, to the float32 network's rounding: in 2 of 5 full CI-like runs (2 threads) the
+    # medians of 3 of 31 clusters differed by one float32 ulp (6e-8) between two calls in one process, a CPU
+    # kernel effect we could not reproduce in isolation; a different seed moves them by ~3e-2
+    args.out, args.no_mle, args.no_figures = str(tmp_path / "res2.ecsv"), True, True
+    args.func(args)
+    np.testing.assert_allclose(Table.read(tmp_path / "res2.ecsv")["ebv_q50"], ecsv["ebv_q50"], rtol=2.4e-7, atol=0)
+    args.out, args.seed = str(tmp_path / "res3.ecsv"), args.seed + 1
+    args.func(args)
+    assert np.median(np.abs(Table.read(tmp_path / "res3.ecsv")["ebv_q50"] - ecsv["ebv_q50"])) > 1e-4
+
+
+def test_inliers_by_field_matches_hand_count():
+    rng = np.random.default_rng(4)
+    n = 9
+    q = np.sort(rng.normal(size=(n, 3, 4)), axis=1)
+    modes = rng.normal(size=(n, 3, 4))
+    th = rng.normal(size=(n, 4))
+    mle = {"theta": th, "lo": th - 0.5, "hi": th + 0.5}
+    field = np.array(list("aaabbbbcc"))
+    t = ev.inliers_by_field(field, {"quantiles": q, "modes": modes}, mle, None, "legus")
+    assert len(t) == 3 * 4 and t.colnames[0] == "field"
+    s = field == "b"
+    inside = (th[s, 1] >= q[s, 0, 1]) & (th[s, 1] <= q[s, 2, 1])
+    row = t[(t["field"] == "b") & (t["parameter"] == "log10_mass")][0]
+    assert row["ref_in_cinn_16_84_pct"] == pytest.approx(100 * inside.mean())
+    in_mle = np.abs(modes[s, 0, 1] - th[s, 1]) <= 0.5
+    assert row["cinn_map_in_ref_1sigma_pct"] == pytest.approx(100 * in_mle.mean())
+
+
+def test_catalog_posteriors_memory_does_not_grow_with_the_catalogue():
+    """catalog_posteriors holds one chunk of samples: NumPy's peak allocation (tracemalloc) for 800 clusters is
+    within 20 % of that for 200, while holding all samples would take four times as much."""
+    import tracemalloc
+    import preprocess
+    import simulate
+    obs = preprocess.observe(simulate.simulate(800, seed=1), np.random.default_rng(2))
+    model = cinn.CINN(cinn.FlowConfig(n_blocks=2, width=16, cond_dim=8, cond_width=16),
+                      x_mean=obs["x"].mean(0), x_std=obs["x"].std(0))
+    peaks = []
+    for n in (200, 800):
+        tracemalloc.start()
+        post = ev.catalog_posteriors(model, obs["x"][:n], 2000, 0, obs, chunk=50)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert post["summ"]["quantiles"].shape == (n, 3, 4) and len(post["examples"][0]) == 3
+    all_samples = 800 * 2000 * 3 * 4
+    assert peaks[1] < 1.2 * peaks[0] and peaks[1] < 0.5 * all_samples, peaks

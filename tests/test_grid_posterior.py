@@ -13,6 +13,9 @@ import pytest
 from scipy import stats
 
 import grid_posterior as gp
+import preprocess
+import simulate
+from simulate import log_prior_age
 
 ROOT = Path(__file__).resolve().parents[1]
 KAPPA = np.array([6.2, 5.1, 4.2, 3.3, 1.9]) * 0.4 * np.log(10.0)   # ~ A_band / E(B-V) in ln flux
@@ -30,7 +33,7 @@ def synthetic_table(n_age=120, ebv_step=0.05):
 
 
 def simulate_obs(table, n, rng):
-    """Independent implementation of the generative model (DESIGN Sect. 3) on a table."""
+    """Independent implementation of the generative model (SPEC.md Sect. 3) on a table."""
     n_age = table["ln_flux"].shape[0]
     e = table["ebv_nodes"]
     k = np.clip(np.rint(10.0 ** rng.uniform(0.0, np.log10(n_age), n)), 1, n_age).astype(int)
@@ -53,7 +56,7 @@ def table():
 
 
 def test_age_prior_matches_rounding():
-    lp = gp.log_prior_age(13750)
+    lp = log_prior_age(13750)
     p = np.exp(lp)
     assert abs(p.sum() - 1) < 1e-12
     assert abs(p[0] - 0.0426) < 5e-4                                  # P(1) = log10(1.5)/log10(13750)
@@ -85,32 +88,34 @@ def test_band_loglike_equals_lognormal_times_sigma_factor():
     assert np.allclose(got_g, ref_g, atol=1e-9)
 
 
-def brute_force(table, fs, rs, d, m_window, n_e=3001, dm=1e-3):
-    """Independent dense-grid posterior: every age, fine uniform E(B-V) and log-mass grids (the mass grid only
-    over m_window, which must hold all the posterior mass), direct l(y), trapezoid rule."""
-    e_nodes = table["ebv_nodes"]
-    e = np.linspace(e_nodes[0], e_nodes[-1], n_e)
-    m = np.arange(max(m_window[0], 2.0), min(m_window[1], 8.0) + dm / 2, dm)
-    n_age = table["ln_flux"].shape[0]
-    lp = gp.log_prior_age(n_age)
-    logp = np.empty((n_age, n_e, len(m)))
-    for k in range(n_age):
-        lnF = np.stack([np.interp(e, e_nodes, table["ln_flux"][k, :, b]) for b in range(5)], -1)
-        y = lnF[:, None, :] + m[None, :, None] * np.log(10) + 2 * np.log(1e-5 / d) - np.log(fs)
-        logp[k] = gp.band_loglike(y, rs).sum(-1) + lp[k]
-    we = np.full(n_e, e[1] - e[0]); we[[0, -1]] /= 2
-    wm = np.full(len(m), m[1] - m[0]); wm[[0, -1]] /= 2
-    top = logp.max()
-    p = np.exp(logp - top) * we[None, :, None] * wm[None, None, :]
-    log_z = top + np.log(p.sum()) - np.log(1.5 * 6.0)
-    p /= p.sum()
-    pe, pm = p.sum((0, 2)), p.sum((0, 1))
-    return {"age": p.sum((1, 2)), "ebv_cdf": (e, np.cumsum(pe) - pe / 2), "m_cdf": (m, np.cumsum(pm) - pm / 2),
-            "log_z": log_z}
+def test_dense_posterior_is_the_integral_of_prior_times_likelihood():
+    """The definition, against an independent computation: the evidence of two clusters on a three-age table as
+    Simpson's rule on a finer grid of the full likelihood written from scratch, prod_b (2/f_b)
+    LogNormal(f*_b; mean f_b, sd sigma_b) 1[sigma_b <= f_b/2] (scipy.stats), times the age prior;
+    dense_posterior drops the theta-independent sum_b (ln 2 - 2 ln f*_b - ln sqrt(2 pi)) of band_loglike."""
+    from scipy.integrate import simpson
+    tab = synthetic_table(n_age=3, ebv_step=0.1)
+    theta, fs, rs, d, k = simulate_obs(tab, 40, np.random.default_rng(4))
+    e = np.linspace(0.0, 1.5, 1201)
+    for i in np.flatnonzero(np.min(rs, axis=1) > 0.15)[:2]:            # broad: the support edge is resolved
+        sigma = rs[i] * fs[i]
+        m = np.linspace(theta[i, 1] - 0.6, theta[i, 1] + 0.6, 1201)
+        z = 0.0
+        for a, p_age in enumerate(np.exp(log_prior_age(3))):
+            lnf = np.stack([np.interp(e, tab["ebv_nodes"], tab["ln_flux"][a, :, b]) for b in range(5)], -1)
+            f = np.exp(lnf[:, None, :] + m[None, :, None] * np.log(10)) * (1e-5 / d[i]) ** 2
+            s_ = np.sqrt(np.log1p((sigma / f) ** 2))
+            like = np.prod(2 / f * stats.lognorm.pdf(fs[i], s_, scale=f * np.exp(-s_ ** 2 / 2)) * (sigma <= f / 2), -1)
+            z += p_age * simpson(simpson(like, x=m, axis=1), x=e)
+        log_z = np.log(z / (1.5 * 6.0)) - np.sum(np.log(2) - 2 * np.log(fs[i]) - 0.5 * np.log(2 * np.pi))
+        dense = gp.dense_posterior(fs[i], rs[i], d[i], table=tab, n_ebv=1501, mass_step=5e-4,
+                                   mass_window=(m[0], m[-1]))
+        assert abs(dense["log_z"] - log_z) < 1e-3, (i, dense["log_z"], log_z)     # both converged to ~2e-4
+        assert dense["mass_cdf"][0] < 1e-5 and dense["mass_cdf"][-1] > 1 - 1e-5          # the window holds it
 
 
-def test_quadrature_matches_brute_force_dense_grid():
-    """Pruned adaptive quadrature == dense regular grid (independent code), incl. small r* (edge modes)
+def test_quadrature_matches_the_dense_posterior():
+    """Pruned adaptive quadrature == the dense regular grid of the definition (dense_posterior), incl. small r* (edge modes)
     and r* > 0.5 (likelihood peak at the support edge sigma = f/2)."""
     tab = synthetic_table(n_age=5, ebv_step=0.1)
     rng = np.random.default_rng(2)
@@ -122,13 +127,13 @@ def test_quadrature_matches_brute_force_dense_grid():
     for i in (sharp, edge):
         post = gp.exact_posterior(fs[i], rs[i], d[i], table=tab)
         m = post["log10_mass"]
-        ref = brute_force(tab, fs[i], rs[i], d[i], (m.min() - 0.2, m.max() + 0.2), n_e=4001 if i == sharp else 1201,
-                          dm=1e-3 if i == sharp else 2e-3)
+        ref = gp.dense_posterior(fs[i], rs[i], d[i], table=tab, n_ebv=4001 if i == sharp else 1201,
+                                 mass_step=1e-3 if i == sharp else 2e-3, mass_window=(m.min() - 0.2, m.max() + 0.2))
         # Z to 3 % where the likelihood peaks at the support edge (midpoint rule at the jump), else 0.3 %
         assert abs(post["log_z"] - ref["log_z"]) < (3e-2 if i == edge else 3e-3), i
-        assert np.abs(post["age_pmf"] - ref["age"]).max() < (1e-2 if i == edge else 2e-3), i
-        for param, key in ((1, "m_cdf"), (2, "ebv_cdf")):
-            x, c = ref[key]
+        assert np.abs(post["age_pmf"] - ref["age_pmf"]).max() < (1e-2 if i == edge else 2e-3), i
+        for param, key in ((1, "log10_mass"), (2, "ebv")):
+            x, c = ref[key], ref[key.replace("log10_", "") + "_cdf"]
             mid = (c > 0.01) & (c < 0.99)
             err = np.abs(gp.marginal_cdf(post, param, x[mid]) - c[mid]).max()
             assert err < (1.5e-2 if i == edge else 1e-2), (i, param)     # quantiles to ~0.02 sd
@@ -167,14 +172,14 @@ def test_cell_arrays_consistent_with_their_rows_and_summaries(table):
     e0, e1 = table["ebv_nodes"][0], table["ebv_nodes"][-1]
     for post in gp.exact_posterior(fs, rs, d, table=table):
         n_age = post["n_age"]
-        c = (np.log(post["prob"]) - post["log_like"] - gp.log_prior_age(n_age)[post["k"] - 1]
+        c = (np.log(post["prob"]) - post["log_like"] - log_prior_age(n_age)[post["k"] - 1]
              - np.log(post["d_ebv"] * post["d_log10_mass"]))
         assert np.ptp(c) < 1e-9
         assert abs(post["prob"].sum() - 1) < 1e-12
         tent_ebv = (post["ebv"] - post["d_ebv"] / 2 > e0 + 1e-9) & (post["ebv"] + post["d_ebv"] / 2 < e1 - 1e-9)
         assert np.array_equal(post["tent_ebv"], tent_ebv)
         assert np.abs(post["age_pmf"] - np.bincount(post["k"] - 1, post["prob"], n_age)).max() < 1e-12
-        dens = post["log_like"] + gp.log_prior_age(n_age)[post["k"] - 1] + np.log(post["k"])
+        dens = post["log_like"] + log_prior_age(n_age)[post["k"] - 1] + np.log(post["k"])
         i = np.argmax(dens)
         assert np.array_equal(post["map"], [np.log10(post["k"][i]), post["log10_mass"][i], post["ebv"][i]])
         per_cell = dict(post)
@@ -271,7 +276,7 @@ def test_log_map_density_is_what_the_grid_map_maximises(table):
         th = np.stack([np.log10(post["k"]), post["log10_mass"], post["ebv"]], axis=1)
         v, kk = gp.log_map_density(th, fs[i], rs[i], d[i], table=table)
         assert np.array_equal(kk, post["k"])
-        cells = post["log_like"] + gp.log_prior_age(table["ln_flux"].shape[0])[post["k"] - 1] + np.log(post["k"])
+        cells = post["log_like"] + log_prior_age(table["ln_flux"].shape[0])[post["k"] - 1] + np.log(post["k"])
         # the cells read l(y) from its lookup table (linear interpolation, step s/32 per band: ~1e-3 nats over
         # five bands, more beside the support edge where l(y) is steep)
         assert np.median(np.abs(v - cells)) < 2e-3 and np.max(np.abs(v - cells)) < 1e-2
@@ -445,7 +450,6 @@ def test_dropped_probability_is_bounded_and_harmless(table):
 
 
 def test_cli_writes_summaries_and_figure(tmp_path, table):
-    import simulate
     rng = np.random.default_rng(8)
     theta, fs, rs, d, k = simulate_obs(table, 4, rng)
     simulate.save_npz(tmp_path / "tab.npz", **table)
@@ -466,9 +470,11 @@ def test_cli_writes_summaries_and_figure(tmp_path, table):
     assert bad.returncode != 0 and "flux_mjy" in bad.stderr
 
 
-def test_cli_marks_too_broad_posterior_instead_of_crashing(tmp_path, table, monkeypatch):
-    """A cluster whose posterior exceeds the memory cap gets NaN rows and exact_failed, the others are kept."""
-    import simulate
+@pytest.mark.parametrize("error", [MemoryError("exact_posterior: more than max_cells"),
+                                   RuntimeError("exact_posterior: no grid cell passed the likelihood screen")])
+def test_cli_marks_a_failed_posterior_instead_of_crashing(tmp_path, table, monkeypatch, error):
+    """A cluster whose posterior fails (over the memory cap, or an empty screen) gets NaN rows and
+    exact_failed, the others are kept and written."""
     theta, fs, rs, d, k = simulate_obs(table, 3, np.random.default_rng(8))
     simulate.save_npz(tmp_path / "tab.npz", **table)
     simulate.save_npz(tmp_path / "obs.npz", flux_mjy=fs, rel_err=rs, distance_mpc=d)
@@ -476,7 +482,7 @@ def test_cli_marks_too_broad_posterior_instead_of_crashing(tmp_path, table, monk
 
     def capped(f, *args, **kwargs):
         if np.allclose(f, fs[1]):
-            raise MemoryError("exact_posterior: more than max_cells")
+            raise error
         return real(f, *args, **kwargs)
     monkeypatch.setattr(gp, "exact_posterior", capped)
     gp.main(["--obs", str(tmp_path / "obs.npz"), "--out", str(tmp_path / "post.npz"), "--samples", "20",
@@ -490,8 +496,6 @@ def test_cli_marks_too_broad_posterior_instead_of_crashing(tmp_path, table, monk
 def test_sbc_real_table_500_clusters():
     """SBC of the exact posterior on the real BC03 table at full 1 Myr resolution: 500 prior clusters with the
     pipeline's own noise code (preprocess.add_noise), fixed seed; all p > 1e-3. (26 min on one core.)"""
-    import preprocess
-    import simulate
     rng = np.random.default_rng(1)
     n, n_samples = 500, 99
     pr = simulate.sample_prior(n, rng)

@@ -67,9 +67,23 @@ def test_first_stages_on_toy_sizes_are_reproducible(tmp_path):
     for f in ("sim.npz", "data/train.npz", "data/test.npz", "catalog/synthetic_phangs.fits"):
         assert (tmp_path / "r1" / f).read_bytes() == (tmp_path / "r2" / f).read_bytes(), f
     test = simulate.load_npz(tmp_path / "r1" / "data" / "test.npz", required=("x", "theta"))
-    assert test["x"].shape == (pipeline.PROFILES["smoke"]["n_test"], 11)
+    assert test["x"].shape == (pipeline.RUN_SIZES["smoke"]["n_test"], 11)
     stamps = json.loads((tmp_path / "r1" / "pipeline_stages.json").read_text())
     assert set(stamps) == {"simulate", "preprocess", "synthetic"}
+
+
+@pytest.mark.parametrize("method", ["paper", "refined"])
+def test_smoke_run_trains_and_checks_both_methods(tmp_path, method):
+    """The smoke profile through training, SBC and the exact comparison, for each method: the model is of the
+    method asked for, and the summary has its numbers."""
+    import cinn
+    summ = pipeline.main(["--profile", "smoke", "--method", method, "--out", str(tmp_path), "--seed", "2",
+                          "--only", "simulate", "preprocess", "train", "sbc", "exact"])
+    assert cinn.load(tmp_path, device="cpu").method == method
+    assert np.isfinite(summ["train"]["test_nll"]) and len(summ["sbc"]) == 6
+    assert np.isfinite(summ["exact"]["kl_mean_nats"])
+    cmd = {n: c for n, _, c in pipeline.stages(tmp_path, "smoke", 2, method=method)}["train"]
+    assert cmd[cmd.index("--method") + 1] == method
 
 
 def test_summary_reads_stage_outputs(tmp_path):

@@ -388,7 +388,7 @@ def test_hires_model_close_to_bc03_2003_lowres_bv(shared_data):
     """Our (STELIB high-res) SSP vs the 2003 low-res BaSeL release that CIGALE reads: Johnson V and B-V.
 
     BC03's .4color gives V and B at native ages; we integrate our spectra through sedpy's Bessell B, V (not
-    BC03's Buser filters, hence one constant offset). DESIGN.md expects <= 0.03 mag rms; measured rms about
+    BC03's Buser filters, hence one constant offset). SPEC.md Sect. 2 expects <= 0.03 mag rms; measured rms about
     the median: V 0.016 mag, B-V 0.024 mag (max 0.048, near 18 Myr).
     """
     observate = pytest.importorskip("sedpy.observate")

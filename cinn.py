@@ -54,6 +54,11 @@ class FlowConfig:
     cond_depth: int = 2
     final_init: float = 0.1     # scale of each subnet's last layer at init: blocks start near the identity
     perm_seed: int = 0          # seed of the fixed permutations
+    coupling: str = "affine"    # "affine" (Eqs. 5-7, the paper's) or "spline" (rational-quadratic splines)
+    bins: int = 8               # spline bins
+    tail_bound: float = 5.0     # real domain: the splines act on [-tail_bound, tail_bound], identity outside
+    domain: str = "real"        # "real": the flow works on u; "cube": on v = Phi(u) in [0, 1]^3 (splines only)
+    base: str = "gaussian"      # cube domain: the latent is Phi^-1 of the flow's output ("gaussian") or uniform
 
     @classmethod
     def from_dict(cls, d):
@@ -72,6 +77,11 @@ def mlp(n_in, n_out, width, depth):
         n = width
     layers.append(nn.Linear(n, n_out))
     return nn.Sequential(*layers)
+
+
+def _log_phi(u):
+    """log of the standard normal density."""
+    return -0.5 * u * u - 0.5 * math.log(2 * math.pi)
 
 
 def soft_clamp(s, clamp):
@@ -111,6 +121,103 @@ class CouplingBlock(nn.Module):
         return torch.cat([u1, u2], dim=1)
 
 
+SPLINE_MIN_WIDTH = 1e-3      # smallest bin width and height, as a share of the spline's range
+SPLINE_MIN_SLOPE = 1e-3      # smallest derivative at a knot
+
+
+def _knots(raw, lo, hi):
+    """Knot positions (..., K + 1) from K unconstrained bin sizes: softmax, a floor, cumulative sum."""
+    K = raw.shape[-1]
+    w = SPLINE_MIN_WIDTH + (1.0 - SPLINE_MIN_WIDTH * K) * torch.softmax(raw, dim=-1)
+    knots = torch.nn.functional.pad(torch.cumsum(w, dim=-1), (1, 0))
+    knots = lo + (hi - lo) * knots
+    return torch.cat([knots[..., :1] * 0 + lo, knots[..., 1:-1], knots[..., -1:] * 0 + hi], dim=-1)
+
+
+def rq_spline(x, params, bins, bound=None, inverse=False):
+    """The monotone rational-quadratic spline of Durkan et al. (2019), elementwise: y = g(x) (or x = g^-1(y)),
+    and log|dg/dx| at each element.
+
+    Args:
+        x: (N, D) inputs (outputs of g for inverse=True).
+        params: (N, D, P) unconstrained parameters: `bins` bin widths and heights (softmax, a floor) and the
+            derivatives at the knots (softplus, 1 where the raw value is 0). bound None: the spline maps [0, 1]
+            onto itself and all bins + 1 derivatives are learned (P = 3 bins + 1); bound B: it maps [-B, B] onto
+            itself with derivative 1 at +-B and the identity outside (P = 3 bins - 1).
+    Returns:
+        (y, log|dg/dx|) of x's shape; for inverse=True (x, log|dg/dx| at that x).
+
+    In bin k, with knots (x_k, y_k), width w_k, height h_k, slope s_k = h_k / w_k, derivatives d_k and d_k+1 and
+    xi = (x - x_k) / w_k in [0, 1] (Durkan et al., Eqs. 4-5):
+        g(x)  = y_k + h_k [s_k xi^2 + d_k xi (1 - xi)] / [s_k + (d_k+1 + d_k - 2 s_k) xi (1 - xi)]
+        g'(x) = s_k^2 [d_k+1 xi^2 + 2 s_k xi (1 - xi) + d_k (1 - xi)^2] / [s_k + (d_k+1 + d_k - 2 s_k) xi (1 - xi)]^2
+    and the inverse is the root in [0, 1] of the quadratic a xi^2 + b xi + c = 0 (their appendix A.3) with
+        a = h_k (s_k - d_k) + (y - y_k) t,  b = h_k d_k - (y - y_k) t,  c = -s_k (y - y_k),  t = d_k+1 + d_k - 2 s_k,
+        xi = 2 c / (-b - sqrt(b^2 - 4 a c))    (the form without cancellation).
+    """
+    lo, hi = (0.0, 1.0) if bound is None else (-bound, bound)
+    xk = _knots(params[..., :bins], lo, hi)
+    yk = _knots(params[..., bins:2 * bins], lo, hi)
+    d = SPLINE_MIN_SLOPE + torch.nn.functional.softplus(params[..., 2 * bins:] + math.log(math.expm1(1 - SPLINE_MIN_SLOPE)))
+    if bound is not None:                                    # derivative 1 at the ends: joins the identity tails
+        one = torch.ones_like(d[..., :1])
+        d = torch.cat([one, d, one], dim=-1)
+    inside = (x >= lo) & (x <= hi)
+    xc = x.clamp(lo, hi)
+    k = (torch.searchsorted((yk if inverse else xk).contiguous(), xc.unsqueeze(-1)) - 1).clamp(0, bins - 1)
+    take = lambda a, j=0: torch.gather(a, -1, k + j).squeeze(-1)
+    x0, w, y0, h = take(xk), take(xk, 1) - take(xk), take(yk), take(yk, 1) - take(yk)
+    d0, d1 = take(d), take(d, 1)
+    s = h / w
+    t = d1 + d0 - 2 * s
+    if inverse:
+        dy = xc - y0
+        a, b, c = h * (s - d0) + dy * t, h * d0 - dy * t, -s * dy
+        xi = (2 * c / (-b - torch.sqrt((b * b - 4 * a * c).clamp_min(0)))).clamp(0, 1)
+        out = x0 + xi * w
+    else:
+        xi = (xc - x0) / w
+        out = y0 + h * (s * xi * xi + d0 * xi * (1 - xi)) / (s + t * xi * (1 - xi))
+    one_minus = 1 - xi
+    den = s + t * xi * one_minus
+    logd = 2 * torch.log(s) + torch.log(d1 * xi * xi + 2 * s * xi * one_minus + d0 * one_minus * one_minus) \
+        - 2 * torch.log(den)
+    if bound is None:
+        return out, logd
+    return torch.where(inside, out, x), torch.where(inside, logd, torch.zeros_like(logd))
+
+
+class SplineCouplingBlock(nn.Module):
+    """One conditional coupling block with rational-quadratic splines (rq_spline) in place of the affine maps
+    of Eqs. 5-7: v1 = g(u1; net2(u2, c)), v2 = g(u2; net1(v1, c)), with log|det| the sum of the splines'
+    log-derivatives. The same interface as CouplingBlock; bound None: on the unit cube."""
+
+    def __init__(self, dim, dim_c, width, depth, bins, bound):
+        super().__init__()
+        self.d1, self.d2, self.bins, self.bound = dim // 2, dim - dim // 2, bins, bound
+        self.n_par = 3 * bins + (1 if bound is None else -1)
+        self.net2 = mlp(self.d2 + dim_c, self.d1 * self.n_par, width, depth)   # splines of u1 from (u2, c)
+        self.net1 = mlp(self.d1 + dim_c, self.d2 * self.n_par, width, depth)   # splines of u2 from (v1, c)
+
+    def _spline(self, net, h, c, v, d, inverse=False):
+        params = net(torch.cat([h, c], dim=1)).view(len(h), d, self.n_par)
+        return rq_spline(v, params, self.bins, self.bound, inverse)
+
+    def forward(self, u, c):
+        """u -> v and log|det dv/du| (N,)."""
+        u1, u2 = u[:, :self.d1], u[:, self.d1:]
+        v1, ld1 = self._spline(self.net2, u2, c, u1, self.d1)
+        v2, ld2 = self._spline(self.net1, v1, c, u2, self.d2)
+        return torch.cat([v1, v2], dim=1), ld1.sum(dim=1) + ld2.sum(dim=1)
+
+    def inverse(self, v, c):
+        """v -> u, the exact inverse (the quadratic root of rq_spline)."""
+        v1, v2 = v[:, :self.d1], v[:, self.d1:]
+        u2, _ = self._spline(self.net1, v1, c, v2, self.d2, inverse=True)
+        u1, _ = self._spline(self.net2, u2, c, v1, self.d1, inverse=True)
+        return torch.cat([u1, u2], dim=1)
+
+
 def flatten_rows(theta, x):
     """theta (N, 3) with x (N, 11), or theta (N, K, 3) with x (N, 11) -> rows theta (M, 3), x (M, 11), and the
     shape (N,) or (N, K) that per-row results take."""
@@ -141,8 +248,17 @@ class CINN(nn.Module):
         else:
             self.cond_net = nn.Identity()
         dim_c = config.cond_dim or dx
-        self.blocks = nn.ModuleList(CouplingBlock(D, dim_c, config.width, config.depth, config.clamp)
-                                    for _ in range(config.n_blocks))
+        if config.coupling not in ("affine", "spline") or config.domain not in ("real", "cube") \
+                or config.base not in ("gaussian", "uniform"):
+            raise ValueError(f"coupling, domain or base not known: {config}")
+        if config.domain == "cube" and config.coupling != "spline":
+            raise ValueError("the cube domain needs spline couplings (affine ones leave the cube)")
+        if config.coupling == "affine":
+            make = lambda: CouplingBlock(D, dim_c, config.width, config.depth, config.clamp)
+        else:
+            bound = None if config.domain == "cube" else config.tail_bound
+            make = lambda: SplineCouplingBlock(D, dim_c, config.width, config.depth, config.bins, bound)
+        self.blocks = nn.ModuleList(make() for _ in range(config.n_blocks))
         perm_rng = np.random.default_rng(config.perm_seed)    # its own generator, never global state
         for k in range(config.n_blocks):
             perm = torch.as_tensor(perm_rng.permutation(D))
@@ -178,26 +294,40 @@ class CINN(nn.Module):
         return self.cond_net((x - self.x_mean) / self.x_std)
 
     def to_latent(self, u, x=None, c=None):
-        """u -> z and log|det dz/du| (N,)."""
+        """u -> z and log|det dz/du| (N,). In the cube domain v = Phi(u) enters the blocks, and the latent is
+        Phi^-1 of their output (base "gaussian") or that output itself (base "uniform")."""
         c = self.condition(x) if c is None else c
         logdet = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        cube = self.config.domain == "cube"
+        if cube:
+            u, logdet = torch.special.ndtr(u), logdet + _log_phi(u).sum(dim=1)
         for k, block in enumerate(self.blocks):
             u, ld = block(u, c)
             u = u[:, getattr(self, f"perm{k}")]
             logdet = logdet + ld
+        if cube and self.config.base == "gaussian":
+            u = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-7 if u.dtype == torch.float32 else 1 - 1e-12))
+            logdet = logdet - _log_phi(u).sum(dim=1)
         return u, logdet
 
     def to_params(self, z, x=None, c=None):
         """z -> u, the inverse of to_latent (used for sampling)."""
         c = self.condition(x) if c is None else c
+        cube = self.config.domain == "cube"
+        if cube and self.config.base == "gaussian":
+            z = torch.special.ndtr(z)
         for k in reversed(range(len(self.blocks))):
             z = z[:, getattr(self, f"inv_perm{k}")]
             z = self.blocks[k].inverse(z, c)
-        return z
+        return torch.special.ndtri(z) if cube else z
 
     def log_prob_u(self, u, x):
-        """log p(u | x) = log N(z; 0, I) + log|det dz/du| (Eq. 4 without the mean)."""
+        """log p(u | x) = log p_base(z) + log|det dz/du| (Eq. 4 without the mean); p_base the standard normal,
+        or the uniform on the cube (zero outside it)."""
         z, logdet = self.to_latent(u, x)
+        if self.config.base == "uniform" and self.config.domain == "cube":
+            inside = ((z >= 0) & (z <= 1)).all(dim=1)
+            return torch.where(inside, logdet, torch.full_like(logdet, -math.inf))
         return -0.5 * (z ** 2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logdet
 
     def _x_tensor(self, x):
@@ -253,7 +383,10 @@ class CINN(nn.Module):
         into c) -> numpy float64 (len(c) n, 3), cluster by cluster."""
         if rows is not None:
             c, n = c[torch.as_tensor(rows, device=c.device)], 1
-        z = torch.randn(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
+        if self.config.domain == "cube" and self.config.base == "uniform":
+            z = torch.rand(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
+        else:
+            z = torch.randn(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
         if n > batch_rows:                           # very many samples of one cluster: split further
             u = torch.cat([self.to_params(zz, c=c.expand(zz.shape[0], -1)) for zz in z.split(batch_rows)])
         else:

@@ -58,10 +58,13 @@ LEGUS_NOT_DETECTED = 99.999  # LEGUS magnitude sentinel: not detected
 FLUX_SENTINELS = (-9999.0, -999.0, -99.0)  # common "missing" values in flux tables
 LEGUS_MIN_COLUMNS = 34  # id ... visual class (mode); published files have 35-37
 
-PHANGS_COLUMNS = {"id": "ID_PHANGS_CLUSTERS", "ra": "PHANGS_RA", "dec": "PHANGS_DEC",
-                  "class": "PHANGS_CLUSTER_CLASS_HUMAN", "no_coverage": "PHANGS_NO_COVERAGE_FLAG",
-                  "non_detection": "PHANGS_NON_DETECTION_FLAG",
-                  "age": "PHANGS_AGE_MINCHISQ", "mass": "PHANGS_MASS_MINCHISQ", "ebv": "PHANGS_EBV_MINCHISQ"}
+PHANGS_COLUMNS = {"ra": "PHANGS_RA", "dec": "PHANGS_DEC", "no_coverage": "PHANGS_NO_COVERAGE_FLAG",
+                  "non_detection": "PHANGS_NON_DETECTION_FLAG"}
+PHANGS_IDS = ("ID_PHANGS_CLUSTER", "ID_PHANGS_CLUSTERS_v1p2", "ID_PHANGS_CLUSTERS")    # DR5, DR4, earlier
+PHANGS_CLASSES = {"human": "PHANGS_CLUSTER_CLASS_HUMAN", "machine": "PHANGS_CLUSTER_CLASS_ML_VGG"}
+# the catalogue's own CIGALE fits: DR5 (Thilker et al. 2025) with 1 sigma limits, or DR4 and earlier with errors
+PHANGS_ESTIMATES = {"dr5": ("PHANGS_DR5_THILKER25_{q}", "_LIMLO", "_LIMHI"),
+                    "dr4": ("PHANGS_{q}_MINCHISQ", "_ERR", None)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,36 +299,68 @@ def _column(tab, path, name, fill=np.nan):
     return np.asarray(data, float)
 
 
-def read_phangs(path, distance_mpc):
-    """PHANGS-HST cluster catalogue (MAST FITS) -> (obs, estimates, report).
+def read_phangs(path, distance_mpc, classes="human"):
+    """PHANGS-HST cluster catalogue (MAST FITS, DR4 or DR5 columns) -> (obs, estimates, report).
 
-    Fluxes PHANGS_<band>_mJy_TOT and _ERR in mJy. Drops: human class not 1 or 2, no coverage or non-detection
-    flag set, invalid flux or error in any band. Estimates: CIGALE PHANGS_*_MINCHISQ (age in Myr, current
-    stellar mass in Msun, E(B-V)) with their _ERR as 1 sigma ranges.
+    Fluxes PHANGS_<band>_mJy_TOT and _ERR in mJy; the id from ID_PHANGS_CLUSTER (DR5) or ID_PHANGS_CLUSTERS_v1p2
+    (DR4). Kept: classes 1-2 of the human classification (classes="human", PHANGS_CLUSTER_CLASS_HUMAN) or of the
+    machine one ("machine", PHANGS_CLUSTER_CLASS_ML_VGG); dropped, counted: no coverage or non-detection flag,
+    invalid flux or error in any band. Estimates (current stellar mass): DR5's PHANGS_DR5_THILKER25_{AGE,MASS,EBV}
+    with their _LIMLO / _LIMHI 1 sigma limits, or DR4's PHANGS_{AGE,MASS,EBV}_MINCHISQ with _ERR.
     """
     tab = _read_fits_or_table(path)
     c = PHANGS_COLUMNS
-    ids = _column(tab, path, c["id"])
+    id_col = next((name for name in PHANGS_IDS if name in tab.colnames), None)
+    if id_col is None:
+        raise ValueError(f"{path}: no cluster id column (one of {list(PHANGS_IDS)})")
+    ids = _column(tab, path, id_col)
     if np.any(~np.isfinite(ids)):
-        raise ValueError(f"{path}: column {c['id']!r} has missing values at rows "
+        raise ValueError(f"{path}: column {id_col!r} has missing values at rows "
                          f"{np.flatnonzero(~np.isfinite(ids))[:5].tolist()}")
     ids = ids.astype(np.int64)
     _check_ids(path, ids)
-    ra, dec = _column(tab, path, c["ra"]), _column(tab, path, c["dec"])
+    if classes not in PHANGS_CLASSES:
+        raise ValueError(f"--classes must be one of {list(PHANGS_CLASSES)}, got {classes!r}")
     flux = np.stack([_column(tab, path, f"PHANGS_{b}_mJy_TOT") for b in BANDS], axis=1)
     err = np.stack([_column(tab, path, f"PHANGS_{b}_mJy_TOT_ERR") for b in BANDS], axis=1)
-    cls = _column(tab, path, c["class"])
-    no_cov = _column(tab, path, c["no_coverage"], fill=0)
-    non_det = _column(tab, path, c["non_detection"], fill=0)
+    cls = _column(tab, path, PHANGS_CLASSES[classes])
     distance = resolve_distance(distance_mpc, path)
-    reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
-               ("no coverage in a band (PHANGS_NO_COVERAGE_FLAG)", no_cov != 0),
-               ("not detected in a band (PHANGS_NON_DETECTION_FLAG)", non_det != 0),
+    reasons = [("class not 1 or 2" + (" (machine)" if classes == "machine" else ""), ~np.isin(cls, (1, 2))),
+               ("no coverage in a band (PHANGS_NO_COVERAGE_FLAG)", _column(tab, path, c["no_coverage"], fill=0) != 0),
+               ("not detected in a band (PHANGS_NON_DETECTION_FLAG)",
+                _column(tab, path, c["non_detection"], fill=0) != 0),
                ("invalid flux in a band (NaN, <= 0 or sentinel)", _invalid_flux(flux).any(axis=1)),
                ("invalid flux error in a band (NaN, < 0 or sentinel)", _invalid_err(err).any(axis=1))]
-    est = _estimates({key: (_optional(tab, col), _optional(tab, col + "_ERR"))
-                      for key, col in (("age_myr", c["age"]), ("log10_mass", c["mass"]), ("ebv", c["ebv"]))})
-    return _finish(path, "phangs", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="current")
+    est, release = _phangs_estimates(tab)
+    obs, est, report = _finish(path, "phangs", ids, _column(tab, path, c["ra"]), _column(tab, path, c["dec"]), flux,
+                               err, distance, reasons, est, mass_kind="current")
+    report["release"] = release
+    return obs, est, report
+
+
+def _phangs_estimates(tab):
+    """The catalogue's own fits of either release (PHANGS_ESTIMATES), as the estimates dict, and the release."""
+    for release, (name, lo, hi) in PHANGS_ESTIMATES.items():
+        if name.format(q="AGE") in tab.colnames:
+            break
+    else:
+        release = "none"
+    est = {}
+    for key, q in (("age_myr", "AGE"), ("log10_mass", "MASS"), ("ebv", "EBV")):
+        v = _optional(tab, name.format(q=q)) if release != "none" else np.full(len(tab), np.nan)
+        if release == "dr5":                                    # absolute 1 sigma limits
+            a, b = _optional(tab, name.format(q=q) + lo), _optional(tab, name.format(q=q) + hi)
+        else:                                                   # value -+ error
+            e = _optional(tab, name.format(q=q) + lo) if release == "dr4" else np.full(len(tab), np.nan)
+            a, b = v - e, v + e
+        if key == "log10_mass":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                est[key] = _log10_positive(v)
+                est[key + "_lo"] = np.log10(np.where(a > 0, a, 0.0))
+                est[key + "_hi"] = _log10_positive(b)
+        else:
+            est[key], est[key + "_lo"], est[key + "_hi"] = v, a, b
+    return est, release
 
 
 def _estimates(values_errors):
@@ -350,15 +385,18 @@ def _optional(tab, name):
     return np.where(np.isin(v, FLUX_SENTINELS), np.nan, v)
 
 
-def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0.35, 0.2)):
-    """Write a PHANGS-format FITS catalogue of n clusters simulated with the forward model.
+def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0.35, 0.2), release="dr4"):
+    """Write a PHANGS-format FITS catalogue of n clusters simulated with the forward model, in the columns of
+    release "dr4" (ID_PHANGS_CLUSTERS_v1p2, PHANGS_*_MINCHISQ with _ERR) or "dr5" (ID_PHANGS_CLUSTER,
+    PHANGS_DR5_THILKER25_* with _LIMLO, _LIMHI), both with human and machine classes.
 
     Parameters from sample_prior, photometry from model_flux at `distance_mpc`, noise from
     preprocess.add_noise (SPEC.md Sect. 3). Classes 1/2/3 drawn with `class_probs`; about 2 % of rows get a
     no-coverage flag and 2 % a non-detection flag with a NaN flux, so the selection has work to do.
-    The CIGALE columns PHANGS_*_MINCHISQ hold the TRUE parameters (age Myr, current stellar mass, E(B-V))
-    with _ERR = NaN: on this synthetic catalogue "the catalogue's own estimate" is the truth, so the Table 1
-    share "truth inside the cINN 16-84 % interval" is a coverage check (68 % when calibrated).
+    The estimate columns hold the TRUE parameters (age Myr, current stellar mass, E(B-V)) without errors (NaN):
+    on this synthetic catalogue "the catalogue's own estimate" is the truth, so the Table 1 share "truth inside
+    the cINN 16-84 % interval" is a coverage check (68 % when calibrated). The machine class agrees with the human
+    one for 90 % of the clusters.
     Returns the table (astropy Table) and writes it atomically.
     """
     rng = np.random.default_rng(seed)
@@ -373,25 +411,26 @@ def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0
     flux[non_det == 1, 0] = np.nan
     err[non_det == 1, 0] = np.nan
     ra0, dec0 = 150.0, 2.0
+    ml = np.where(rng.random(n) < 0.9, cls, rng.choice([1, 2, 3], size=n))
     t = Table()
-    t["ID_PHANGS_CLUSTERS"] = np.arange(1, n + 1, dtype=np.int64)
+    t["ID_PHANGS_CLUSTER" if release == "dr5" else "ID_PHANGS_CLUSTERS_v1p2"] = np.arange(1, n + 1, dtype=np.int64)
     t["PHANGS_RA"] = ra0 + rng.normal(0, 0.01, n)
     t["PHANGS_DEC"] = dec0 + rng.normal(0, 0.01, n)
     for j, b in enumerate(BANDS):
         t[f"PHANGS_{b}_mJy_TOT"] = flux[:, j]
         t[f"PHANGS_{b}_mJy_TOT_ERR"] = err[:, j]
     t["PHANGS_CLUSTER_CLASS_HUMAN"] = cls.astype(np.int16)
+    t["PHANGS_CLUSTER_CLASS_ML_VGG"] = ml.astype(np.int16)
     t["PHANGS_NO_COVERAGE_FLAG"] = no_cov
     t["PHANGS_NON_DETECTION_FLAG"] = non_det
-    t["PHANGS_AGE_MINCHISQ"] = age.astype(float)
-    t["PHANGS_AGE_MINCHISQ_ERR"] = np.full(n, np.nan)
-    t["PHANGS_MASS_MINCHISQ"] = 10.0 ** logm * mstar_fraction(age)
-    t["PHANGS_MASS_MINCHISQ_ERR"] = np.full(n, np.nan)
-    t["PHANGS_EBV_MINCHISQ"] = ebv
-    t["PHANGS_EBV_MINCHISQ_ERR"] = np.full(n, np.nan)
+    name, lo, hi = PHANGS_ESTIMATES[release]
+    for q, v in (("AGE", age.astype(float)), ("MASS", 10.0 ** logm * mstar_fraction(age)), ("EBV", ebv)):
+        t[name.format(q=q)] = v
+        for suffix in (lo, hi) if hi else (lo,):
+            t[name.format(q=q) + suffix] = np.full(n, np.nan)
     t["TRUE_LOG10_MASS_INITIAL"] = logm
-    t.meta["COMMENT"] = [f"SYNTHETIC PHANGS-format catalogue: seed {seed}, distance {distance_mpc} Mpc",
-                         "PHANGS_*_MINCHISQ hold the true parameters (mass = current stellar mass)"]
+    t.meta["COMMENT"] = [f"SYNTHETIC PHANGS-format catalogue ({release}): seed {seed}, distance {distance_mpc} Mpc",
+                         "the estimate columns hold the true parameters (mass = current stellar mass)"]
     t.meta["DIST_MPC"] = float(distance_mpc)
     write_table_atomic(t, path)
     return t
@@ -400,49 +439,173 @@ def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0
 # ----------------------------------------------------------------------------------------------------------
 # LEGUS
 
+LEGUS_ESTIMATES = ("age", "age_max", "age_min", "mass", "mass_max", "mass_min", "ebv", "ebv_max", "ebv_min")
+LEGUS_FIELDS = ("id", "ra", "dec") + tuple(f"{q}_{b}" for b in BANDS for q in ("mag", "err")) + LEGUS_ESTIMATES \
+    + ("nflt", "class")
+LEGUS_NFLT = (0, 3, 4, 5, 200)     # the values of the filter-count column in the published files
+LEGUS_SENTINELS = (LEGUS_NOT_IN_FOV, LEGUS_NOT_DETECTED, 44.444)
+NAN_TOKENS = ("-", "--", "nan", "NaN", "NA", "null", "")
+LEGUS_LAYOUT_SHARE = 0.5      # a layout fits when over half the rows have the values its columns must have
+                              # (bad rows are dropped and counted later; the wrong layout fails nearly every row)
+
+
 def _load_legus_text(path):
-    """LEGUS .tab -> (N, ncol) float array; ValueError naming file and line for ragged/non-numeric rows."""
+    """LEGUS .tab -> (N, ncol) float array (NaN for an empty cell such as '-'); ValueError naming the file and
+    line for a binary file, ragged (truncated) or non-numeric rows."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
-    rows = []
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text file; a LEGUS catalogue is whitespace-separated text") from None
+    rows, width = [], None
     for lineno, line in enumerate(lines, 1):
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
-        if len(parts) < LEGUS_MIN_COLUMNS:
+        width = width or len(parts)
+        if len(parts) < max(width, LEGUS_MIN_COLUMNS):
             raise ValueError(f"{path}: line {lineno} has {len(parts)} columns, a LEGUS catalogue row needs "
-                             f">= {LEGUS_MIN_COLUMNS} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., "
+                             f">= {max(width, LEGUS_MIN_COLUMNS)} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., "
                              f"class); truncated file or wrong number of bands?")
         try:
-            rows.append([float(p) for p in parts[:LEGUS_MIN_COLUMNS]])
+            rows.append([np.nan if p in NAN_TOKENS else float(p) for p in parts[:width]])
         except ValueError:
-            raise ValueError(f"{path}: line {lineno}: non-numeric value in the first {LEGUS_MIN_COLUMNS} "
-                             f"columns") from None
+            raise ValueError(f"{path}: line {lineno}: non-numeric value") from None
     if not rows:
         raise ValueError(f"{path}: the catalogue has no rows")
     return np.array(rows)
 
 
-def read_legus(path, distance_mpc):
+def legus_standard_layout(shift=0):
+    """The published LEGUS layout (0-based columns): id, x, y, RA, Dec, mag/err per band, CI, the nine SED-fit
+    estimates, five residuals, chi^2, Q, Nflt, the class (mode); `shift` extra columns before RA (mosaic x, y)."""
+    col = {"id": 0, "ra": 3 + shift, "dec": 4 + shift}
+    for j, b in enumerate(BANDS):
+        col[f"mag_{b}"], col[f"err_{b}"] = 5 + shift + 2 * j, 6 + shift + 2 * j
+    col.update({q: 16 + shift + j for j, q in enumerate(LEGUS_ESTIMATES)})
+    col.update(nflt=32 + shift, **{"class": 33 + shift})
+    return col
+
+
+def parse_legus_readme(path):
+    """The column layout stated by the readme MAST ships with a LEGUS catalogue ("Order of the columns",
+    numbered descriptions) -> {field: 0-based column}; ValueError naming what the readme does not state."""
+    text = Path(path).read_text(errors="replace").splitlines()
+    col = {}
+    rules = [("id", r"source id"), ("ra", r"^ra\b"), ("dec", r"^dec\b"), ("nflt", r"number of filter"),
+             ("class", r"class.*\bmode\b"), *[(f"{w}_{q}", f"{w} {q}") for q in ("age", "mass", "e\\(b-v\\)")
+                                               for w in ("best", "max", "min")]]
+    for line in text:
+        m = re.match(r"\s*(\d+)\.\s+(.*)", line)
+        if not m:
+            continue
+        k, desc = int(m.group(1)) - 1, m.group(2).strip().lower()
+        band = re.search(r"(f\d{3}w)", desc)
+        if band and ("total mag" in desc or "photometric error" in desc):
+            col[f"{'mag' if 'total mag' in desc else 'err'}_{band.group(1).upper()}"] = k
+            continue
+        for name, pattern in rules:
+            if re.search(pattern, desc) and name not in col:
+                col[name] = k
+    for w, key in (("best", ""), ("max", "_max"), ("min", "_min")):
+        for q, short in (("age", "age"), ("mass", "mass"), ("e\\(b-v\\)", "ebv")):
+            if f"{w}_{q}" in col:
+                col[short + key] = col.pop(f"{w}_{q}")
+    missing = [f for f in LEGUS_FIELDS if f not in col]
+    if missing:
+        raise ValueError(f"{path}: the readme states no column for {missing}; its bands must be {list(BANDS)}")
+    return {f: col[f] for f in LEGUS_FIELDS}
+
+
+def parse_legus_columns(spec):
+    """An explicit LEGUS column map 'ra=4,dec=5,mag_F275W=6,...' (1-based, as in the readme) -> 0-based dict."""
+    col = {}
+    for item in (spec or "").split(","):
+        if item.strip():
+            key, _, value = item.partition("=")
+            if key.strip() not in LEGUS_FIELDS or not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"--columns: {item!r} is not FIELD=COLUMN (1-based) with FIELD in {list(LEGUS_FIELDS)}")
+            col[key.strip()] = int(value) - 1
+    return {**legus_standard_layout(), **col}
+
+
+def _legus_problems(a, col):
+    """What the values in columns `col` of a LEGUS table contradict in more than 1 - LEGUS_LAYOUT_SHARE of its
+    rows (empty: a consistent layout)."""
+    if max(col.values()) >= a.shape[1]:
+        return [f"needs {max(col.values()) + 1} columns, the file has {a.shape[1]}"]
+    sentinel = np.isin(np.round(a, 3), LEGUS_SENTINELS + FLUX_SENTINELS) | np.isnan(a)   # missing, not contradicting
+    checks_ = [("RA in [0, 360)", (a[:, col["ra"]] >= 0) & (a[:, col["ra"]] < 360)),
+               ("Dec in [-90, 90]", np.abs(a[:, col["dec"]]) <= 90),
+               ("Nflt in {0, 3, 4, 5, 200}", np.isin(a[:, col["nflt"]], LEGUS_NFLT)),
+               ("a visual class in {0, 1, 2, 3, 4}", np.isin(a[:, col["class"]], (0, 1, 2, 3, 4)))]
+    for b in BANDS:
+        m, e = col[f"mag_{b}"], col[f"err_{b}"]
+        checks_ += [(f"{b} magnitudes (5-40 mag or a sentinel)", ((a[:, m] > 5) & (a[:, m] < 40)) | sentinel[:, m]),
+                    (f"{b} errors (>= 0 or a sentinel)", (a[:, e] >= 0) | sentinel[:, e])]
+    return [f"{name} (column {col_ + 1})" for (name, ok), col_ in
+            zip(checks_, [col["ra"], col["dec"], col["nflt"], col["class"]]
+                + [col[f"{q}_{b}"] for b in BANDS for q in ("mag", "err")]) if np.mean(ok) < LEGUS_LAYOUT_SHARE]
+
+
+def legus_layout(path, a, readme=None, columns=None):
+    """The columns of a LEGUS table `a`: from its readme, an explicit map, or detected from what the values must
+    be (RA, Dec, magnitudes, Nflt, classes) among the published layouts (with or without two mosaic x, y columns
+    before RA; the class in column 34 or, where that column holds no class, the one class-like column to its
+    right). Refuses, naming the file and what is wrong or ambiguous, rather than read a wrong column."""
+    if readme or columns:
+        col = parse_legus_readme(readme) if readme else parse_legus_columns(columns)
+        problems = _legus_problems(a, col)
+        if problems:
+            raise ValueError(f"{path}: the values contradict the layout given ({'; '.join(problems)})")
+        return col
+    fits = {}
+    for shift in (0, 2):
+        col = legus_standard_layout(shift)
+        problems = _legus_problems(a, col)
+        if problems and all("visual class" in p for p in problems):      # the class further right?
+            col["class"] = _class_column(path, a, col["class"])
+            problems = _legus_problems(a, col)
+        fits[shift] = (col, problems)
+    good = [s for s, (_, p) in fits.items() if not p]
+    if len(good) == 1:
+        return fits[good[0]][0]
+    if len(good) > 1:
+        raise ValueError(f"{path}: the layout is ambiguous (RA in column 4 or 6 both fit); give --readme or --columns")
+    raise ValueError(f"{path}: no LEGUS layout fits: " + "; ".join(
+        f"with RA in column {4 + s}: {', '.join(p)}" for s, (_, p) in fits.items()) + "; give --readme or --columns")
+
+
+def _class_column(path, a, standard):
+    """The visual class where its standard column holds none: the one column to its right whose values are all
+    classes (0-4); ValueError if there are none or several."""
+    like = [k for k in range(standard + 1, a.shape[1]) if np.all(np.isin(a[:, k], (0, 1, 2, 3, 4)))]
+    if len(like) != 1:
+        raise ValueError(f"{path}: column {standard + 1} holds no visual class and "
+                         + (f"columns {[k + 1 for k in like]} all could: ambiguous" if like else "no column could")
+                         + "; give --readme or --columns class=N")
+    return like[0]
+
+
+def read_legus(path, distance_mpc, readme=None, columns=None):
     """LEGUS deterministic cluster catalogue (Adamo et al. 2017) -> (obs, estimates, report).
 
-    Columns (1-based): 1 id, 4-5 RA/Dec, 6-15 Vega mag/err F275W, F336W, F438W, F555W, F814W (66.666 = not
-    in the field, 99.999 = not detected), 17-19 age best/max/min (yr), 20-22 mass best/max/min (Msun),
-    23-25 E(B-V) best/max/min, 34 visual class (mode). Vega -> AB with WFC3/UVIS zero points, mJy =
-    3.631e6 10^(-0.4 m_AB); flux error = 0.4 ln10 sigma_m f. `distance_mpc`: a number or the Calzetti et al.
-    (2015) table (galaxy from the file name).
+    The columns come from the readme (`readme`), an explicit map (`columns`, 1-based, e.g. 'class=36') or the
+    values (legus_layout); in the published layout: 1 id, 4-5 RA/Dec, 6-15 Vega mag/err F275W, F336W, F438W,
+    F555W, F814W (66.666 = not in the field, 99.999 = not detected), 17-25 age, mass and E(B-V) best/max/min,
+    33 Nflt, 34 visual class (mode). Vega -> AB with WFC3/UVIS zero points, mJy = 3.631e6 10^(-0.4 m_AB);
+    flux error = 0.4 ln10 sigma_m f. `distance_mpc`: a number or the Calzetti et al. (2015) table (galaxy from
+    the file name).
     """
     a = _load_legus_text(path)
-    ids = a[:, 0].astype(np.int64)
+    col = legus_layout(path, a, readme, columns)
+    c = {k: a[:, i] for k, i in col.items()}
+    ids = c["id"].astype(np.int64)
     _check_ids(path, ids)
-    ra, dec = a[:, 3], a[:, 4]
-    mag, merr = a[:, 5:15:2], a[:, 6:15:2]
-    cls = a[:, 33]
+    mag = np.stack([c[f"mag_{b}"] for b in BANDS], axis=1)
+    merr = np.stack([c[f"err_{b}"] for b in BANDS], axis=1)
     distance = resolve_distance(distance_mpc, path)
     not_fov = np.isclose(mag, LEGUS_NOT_IN_FOV) | np.isclose(merr, LEGUS_NOT_IN_FOV)
     not_det = np.isclose(mag, LEGUS_NOT_DETECTED) | np.isclose(merr, LEGUS_NOT_DETECTED)
@@ -451,23 +614,27 @@ def read_legus(path, distance_mpc):
     with np.errstate(over="ignore", invalid="ignore"):
         flux = np.stack([vega_to_mjy(mag[:, j], b) for j, b in enumerate(BANDS)], axis=1)
         err = mag_err_to_rel_err(merr) * flux
-    reasons = [("class not 1 or 2", ~np.isin(cls, (1, 2))),
+    reasons = [("class not 1 or 2", ~np.isin(c["class"], (1, 2))),
                ("not in the field of view in a band (66.666)", not_fov.any(axis=1)),
                ("not detected in a band (99.999)", not_det.any(axis=1)),
-               ("invalid magnitude in a band (NaN, <= 0, > 40, 44.444 or other sentinel)", bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
+               ("invalid magnitude in a band (NaN, <= 0, > 40, 44.444 or other sentinel)",
+                bad_mag.any(axis=1) | _invalid_flux(flux).any(axis=1)),
                ("invalid magnitude error in a band (NaN, < 0 or sentinel)", bad_err.any(axis=1))]
-    fitted = a[:, 16] > 0  # LEGUS writes zeros for sources it did not fit (Nflt < 4)
-    ranged = fitted & ((a[:, 17] > 0) | (a[:, 18] > 0))  # max = min = 0: no 68 % range given
-    est = {"age_myr": np.where(fitted, a[:, 16] / 1e6, np.nan),
-           "age_myr_hi": np.where(ranged, a[:, 17] / 1e6, np.nan),
-           "age_myr_lo": np.where(ranged, a[:, 18] / 1e6, np.nan),
-           "log10_mass": _log10_positive(np.where(fitted, a[:, 19], np.nan)),
-           "log10_mass_hi": _log10_positive(np.where(ranged, a[:, 20], np.nan)),
-           "log10_mass_lo": _log10_positive(np.where(ranged, a[:, 21], np.nan)),
-           "ebv": np.where(fitted, a[:, 22], np.nan),
-           "ebv_hi": np.where(ranged, a[:, 23], np.nan),
-           "ebv_lo": np.where(ranged, a[:, 24], np.nan)}
-    return _finish(path, "legus", ids, ra, dec, flux, err, distance, reasons, est, mass_kind="legus")
+    return _finish(path, "legus", ids, c["ra"], c["dec"], flux, err, distance, reasons, _legus_estimates(c),
+                   mass_kind="legus")
+
+
+def _legus_estimates(c):
+    """LEGUS's own fits (age yr, mass Msun, E(B-V), best / max / min) as the estimates dict; zeros (sources it
+    did not fit, Nflt < 4) and max = min = 0 (no 68 % range) become NaN."""
+    fitted = c["age"] > 0
+    ranged = fitted & ((c["age_max"] > 0) | (c["age_min"] > 0))
+    out = {}
+    for q, key, scale in (("age", "age_myr", 1e6), ("mass", "log10_mass", None), ("ebv", "ebv", 1.0)):
+        for src, suffix, ok in ((q, "", fitted), (f"{q}_max", "_hi", ranged), (f"{q}_min", "_lo", ranged)):
+            v = np.where(ok, c[src], np.nan)
+            out[key + suffix] = _log10_positive(v) if scale is None else v / scale
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,12 +735,13 @@ def _name(tab, path, name):
     return name
 
 
-def read_catalog(path, fmt, distance=None, columns=None):
-    """Dispatch on fmt: 'phangs', 'legus' or 'table'."""
+def read_catalog(path, fmt, distance=None, columns=None, readme=None, classes="human"):
+    """Dispatch on fmt: 'phangs' (classes: human or machine), 'legus' (readme and columns: its layout) or 'table'
+    (columns: the mapping)."""
     if fmt == "phangs":
-        return read_phangs(path, distance)
+        return read_phangs(path, distance, classes)
     if fmt == "legus":
-        return read_legus(path, distance)
+        return read_legus(path, distance, readme, columns)
     if fmt == "table":
         if not columns:
             raise ValueError("--format table needs --columns flux_F275W=COL,err_F275W=COL,...")
@@ -612,7 +780,7 @@ RESULT_UNITS = {"log10_age_myr": "log10(t/Myr)", "log10_mass": "log10(m0/Msun), 
                 "log10_mstar": "log10(M*/Msun), current stellar mass", "ebv": "mag"}
 
 
-def read_many(paths, fmt, distance=None, columns=None):
+def read_many(paths, fmt, distance=None, columns=None, readme=None, classes="human"):
     """Read several catalogues and concatenate them; adds `field` (from the file name) to obs. The same
     (field, id) twice (a file given twice, or two files of one field) is refused."""
     fields = [galaxy_from_filename(p) for p in paths]
@@ -620,7 +788,7 @@ def read_many(paths, fmt, distance=None, columns=None):
     if twice:
         raise ValueError(f"field(s) {twice} given by more than one --input file ({[str(p) for p in paths]}): the "
                          "result table would hold the same (field, id) twice")
-    parts = [read_catalog(p, fmt, distance, columns) for p in paths]
+    parts = [read_catalog(p, fmt, distance, columns, readme, classes) for p in paths]
     obs = {}
     for k in parts[0][0]:
         if k == "bands":
@@ -716,6 +884,16 @@ def result_table(obs, est, summ, chi2_map, mle=None, densest=None):
     return t
 
 
+def add_phangs_names(t):
+    """Add the results in PHANGS-style columns to a result table, in place, beside the project's own: CINN_AGE
+    (Myr), CINN_MASS (current stellar mass, Msun), CINN_EBV (mag), each the MAP with _LIMLO / _LIMHI the 16 / 84 %
+    quantiles (the DR5 convention: 1 sigma limits, not errors)."""
+    for name, p, linear in (("AGE", "log10_age_myr", True), ("MASS", "log10_mstar", True), ("EBV", "ebv", False)):
+        for suffix, col in (("", f"{p}_map"), ("_LIMLO", f"{p}_q16"), ("_LIMHI", f"{p}_q84")):
+            t[f"CINN_{name}{suffix}"] = 10.0 ** t[col] if linear else t[col]
+            t[f"CINN_{name}{suffix}"].description = (f"10^{col}" if linear else col) + " (PHANGS-style name)"
+
+
 def format_inliers(inl):
     """Table 1 as text: reference, parameter, share of reference values in the cINN 16-84 % interval and share
     of cINN MAPs inside the reference's 1 sigma range."""
@@ -740,7 +918,11 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", required=True)
     p.add_argument("--format", choices=("phangs", "legus", "table"), required=True)
     p.add_argument("--distance", default=None, help="Mpc, or a distance table (columns name, distance_mpc)")
-    p.add_argument("--columns", default=None, help="for --format table: flux_F275W=COL,err_F275W=COL,...")
+    p.add_argument("--columns", default=None, help="--format table: flux_F275W=COL,err_F275W=COL,...; --format "
+                                                   "legus: the layout, FIELD=N (1-based), e.g. class=36")
+    p.add_argument("--readme", default=None, help="--format legus: the catalogue's readme, which states its columns")
+    p.add_argument("--classes", default="human", choices=sorted(PHANGS_CLASSES),
+                   help="--format phangs: keep classes 1-2 of the human or the machine classification")
     p.add_argument("--out", default=None, help="observation .npz to write (optional)")
     p.add_argument("--seed", type=int, default=0, help="unused (reading is deterministic); for CLI uniformity")
     p = sub.add_parser("synthetic", help="simulated PHANGS-format FITS catalogue (tests, pipeline.py)")
@@ -748,13 +930,14 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--distance", type=float, default=10.0, help="Mpc")
+    p.add_argument("--release", default="dr4", choices=sorted(PHANGS_ESTIMATES), help="the columns of this release")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "synthetic":
-            t = make_synthetic_phangs(args.out, args.n, args.seed, args.distance)
+            t = make_synthetic_phangs(args.out, args.n, args.seed, args.distance, release=args.release)
             print(f"wrote {args.out}: {len(t)} synthetic clusters at {args.distance} Mpc, seed {args.seed}")
             return t
-        obs, est, reports = read_many(args.input, args.format, args.distance, args.columns)
+        obs, est, reports = read_many(args.input, args.format, args.distance, args.columns, args.readme, args.classes)
         print(f"{'field':<14} {'rows':>6} {'kept':>6} {'dropped':>8} {'flagged':>8}  distance/Mpc")
         for path, r in zip(args.input, reports):
             flagged = int(np.count_nonzero(obs["flags"][obs["field"] == galaxy_from_filename(path)]))

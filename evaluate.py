@@ -21,7 +21,9 @@ of the k-th densest mode of cluster n (NaN-padded to 3 modes); quantiles[n, q, p
 marginal quantiles of parameter p.
 """
 import argparse
+import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from astropy.table import Table, vstack
+from concurrent.futures import ProcessPoolExecutor
 from scipy.stats import binom
 
 import catalogs
@@ -719,37 +722,128 @@ def inliers_by_field(fields, summ, mle, cat, fmt):
     return vstack(tables)
 
 
-def catalog_posteriors(model, x, n_samples, seed, obs, chunk=256, n_examples=3, progress=None):
-    """Posterior summaries of every cluster, a chunk of clusters at a time: memory holds one chunk of samples
-    (chunk x n_samples x 3), whatever the catalogue's length.
+CATALOG_CHUNK = 256        # clusters per chunk of a catalogue run: memory holds one chunk of samples
+
+
+def part_rows(n, part, chunk=CATALOG_CHUNK):
+    """The rows of part "K/N" (1-based) of n clusters: the K-th of N contiguous slices, cut at multiples of the
+    chunk so that every part draws exactly the samples the whole run would (the chunks' seeds are global)."""
+    try:
+        k, n_parts = (int(v) for v in part.split("/"))
+    except (ValueError, AttributeError):
+        raise checks.InputError(f"--part must be K/N with 1 <= K <= N, got {part!r}") from None
+    if not 1 <= k <= n_parts:
+        raise checks.InputError(f"--part must be K/N with 1 <= K <= N, got {part!r}")
+    n_chunks = -(-n // chunk)
+    return slice(min((k - 1) * n_chunks // n_parts * chunk, n), min(k * n_chunks // n_parts * chunk, n))
+
+
+def _chunk_posteriors(model, x, n_samples, seed, flux, rel, dist, n_examples):
+    """Samples of one chunk of clusters and their summaries; the samples of its n_examples most multimodal."""
+    s = model.sample(x, n_samples, seed=int(seed)).astype(np.float32)
+    summ3 = summarize(s)
+    summ = posterior_summary(s, summ3)
+    top = np.lexsort((np.arange(len(s)), -summ3["n_modes"]))[:n_examples]
+    return dict(**{f"s3_{k}": v for k, v in summ3.items() if k != "mode_density"},
+                **{f"s4_{k}": v for k, v in summ.items()}, densest=densest_sample(s, flux, rel, dist),
+                ex_index=top, ex_samples=s[top])
+
+
+_WORKER = {}
+
+
+def _worker_init(model_path, device):
+    torch.set_num_threads(1)
+    _WORKER["model"] = cinn.load(model_path, device=device)
+
+
+def _worker_chunk(args):
+    return _chunk_posteriors(_WORKER["model"], *args)
+
+
+def catalog_posteriors(model, x, n_samples, seed, obs, rows=slice(None), chunk=CATALOG_CHUNK, n_examples=3,
+                       progress=None, stash=None, workers=1):
+    """Posterior summaries of the clusters x[rows], a chunk of clusters at a time: memory holds one chunk of
+    samples (chunk x n_samples x 3) per worker, whatever the catalogue's length.
 
     Args:
-        model: a trained cINN. x (N, 11). n_samples per cluster. seed: the chunks' seeds come from it (the
-        same seed and chunk give the same samples, as draw_samples). obs: flux_mjy, rel_err, distance_mpc of
-        the same clusters (for the densest sample). n_examples: samples kept of the most multimodal clusters.
+        model: a trained cINN, or the path of one (needed for workers > 1: each worker process loads it).
+        x (N, 11), obs (flux_mjy, rel_err, distance_mpc) of the whole catalogue; rows: the clusters to do
+            (part_rows), starting at a multiple of chunk.
+        seed: the chunks' seeds come from it and their global index, so any part draws the samples of the
+            whole run. stash: a directory where every finished chunk is kept (a rerun takes them from there
+            instead of redoing them; refused if they were made by another run). workers: processes.
         progress: called with the number of clusters done.
     Returns:
-        dict summ3 (summarize's modes, quantiles, n_modes), summ (posterior_summary, with log M*), densest
-        (N, 3), examples (indices, their samples, their summ3).
+        dict summ3 (modes, quantiles, n_modes), summ (with log M*), densest (n, 3), examples (global indices,
+        samples and summ3 of the n_examples most multimodal clusters).
     """
+    start, stop, _ = rows.indices(len(x))
     seeds = np.random.default_rng(seed).integers(0, 2 ** 62, size=max(1, -(-len(x) // chunk)))
-    parts, keep = [], []
-    for k, i in enumerate(range(0, len(x), chunk)):
-        rows = slice(i, i + chunk)
-        s = model.sample(x[rows], n_samples, seed=int(seeds[k])).astype(np.float32)
-        summ3 = summarize(s)
-        parts.append((summ3, posterior_summary(s, summ3),
-                      densest_sample(s, obs["flux_mjy"][rows], obs["rel_err"][rows], obs["distance_mpc"][rows])))
-        keep = sorted(keep + [(-summ3["n_modes"][j], i + j, s[j]) for j in range(len(s))], key=lambda e: e[:2])
-        keep = keep[:n_examples]
+    todo = list(range(start // chunk, -(-stop // chunk)))
+    args = {c: (x[c * chunk:(c + 1) * chunk], n_samples, seeds[c], obs["flux_mjy"][c * chunk:(c + 1) * chunk],
+                obs["rel_err"][c * chunk:(c + 1) * chunk], obs["distance_mpc"][c * chunk:(c + 1) * chunk],
+                n_examples) for c in todo}
+    key = _stash_key(model, x, n_samples, seed, chunk)
+    done = {c: r for c in todo if (r := _from_stash(stash, c, key)) is not None}
+    for c, part in _run_chunks(model, args, [c for c in todo if c not in done], workers):
+        done[c] = part
+        if stash:
+            save_npz(Path(stash) / f"chunk_{c:06d}.npz", key=key, **part)
         if progress:
-            progress(min(i + chunk, len(x)))
-    join = lambda j, key: np.concatenate([p[j][key] for p in parts])
-    summ3 = {key: join(0, key) for key in ("modes", "quantiles", "n_modes")}
-    idx = np.array([e[1] for e in keep], dtype=int)
-    return dict(summ3=summ3, summ={key: join(1, key) for key in ("modes", "quantiles", "n_modes")},
-                densest=np.concatenate([p[2] for p in parts]),
-                examples=(idx, np.array([e[2] for e in keep]), {key: summ3[key][idx] for key in summ3}))
+            progress(min(sum(len(args[k][0]) for k in done), stop - start))
+    return _join_chunks([done[c] for c in todo], [c * chunk for c in todo], n_examples)
+
+
+def _stash_key(model, x, n_samples, seed, chunk):
+    """What a stashed chunk must have been made with: the model's weights, the inputs, samples, seed, chunk."""
+    path = Path(model) if isinstance(model, (str, Path)) else None
+    weights = (path / "model.pt" if path.is_dir() else path).read_bytes() if path else \
+        b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())
+    h = hashlib.sha256()
+    for part in (weights, np.ascontiguousarray(x).tobytes(), f"{n_samples} {seed} {chunk}".encode()):
+        h.update(part)
+    return h.hexdigest()
+
+
+def _from_stash(stash, c, key):
+    """A stashed chunk's results, or None; a chunk stashed by another run is refused."""
+    f = Path(stash) / f"chunk_{c:06d}.npz" if stash else None
+    if f is None or not f.exists():
+        return None
+    part = load_npz(f)
+    if str(part.pop("key")) != key:
+        raise checks.InputError(f"{f}: made by another run (model, inputs, samples or seed differ); delete "
+                                f"{Path(stash)} or choose another --out")
+    return part
+
+
+def _run_chunks(model, args, todo, workers):
+    """Yield (chunk index, results) for the chunks todo, in order, in this process or in `workers` processes."""
+    if workers <= 1 or len(todo) <= 1:
+        model = load_model(model) if isinstance(model, (str, Path)) else model
+        for c in todo:
+            yield c, _chunk_posteriors(model, *args[c])
+        return
+    if not isinstance(model, (str, Path)):
+        raise ValueError("workers > 1 need the model's path")
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                             initargs=(str(model), "cpu")) as pool:
+        yield from zip(todo, pool.map(_worker_chunk, [args[c] for c in todo]))
+
+
+def _join_chunks(parts, offsets, n_examples):
+    """The chunks' results as one: summaries concatenated, the examples merged across chunks."""
+    join = lambda key: np.concatenate([p[key] for p in parts])
+    summ3 = {k: join(f"s3_{k}") for k in ("modes", "quantiles", "n_modes")}
+    cand = [(-int(p["s3_n_modes"][i]), off + int(i), p["ex_samples"][j])
+            for p, off in zip(parts, offsets) for j, i in enumerate(p["ex_index"])]
+    cand = sorted(cand, key=lambda e: e[:2])[:n_examples]
+    base = offsets[0]
+    idx = np.array([e[1] for e in cand], dtype=int)
+    return dict(summ3=summ3, summ={k: join(f"s4_{k}") for k in ("modes", "quantiles", "n_modes")},
+                densest=join("densest"), examples=(idx, np.array([e[2] for e in cand]),
+                                                    {k: summ3[k][idx - base] for k in summ3}))
 
 
 def catalog_results(obs, est, post, fmt, with_mle=True):
@@ -1056,16 +1150,39 @@ def format_exact(res):
 def cmd_catalog(args):
     """A catalogue through a trained cINN (catalog_results): OUT.ecsv and OUT.fits (the result table),
     OUT_obs.npz (the observations fed to the cINN), OUT_inliers.ecsv (Table 1) and, unless --no-figures,
-    the Fig. 6 / 8 / B.3 figures against the grid MLE and the catalogue and example posteriors."""
+    the Fig. 6 / 8 / B.3 figures against the grid MLE and the catalogue and example posteriors. Finished chunks
+    are kept in OUT_chunks/ until the end, so an interrupted run resumes; --part K/N does one slice of the
+    clusters (merge the parts with `evaluate.py merge`)."""
     out = Path(args.out)
     stem = out.with_suffix("") if out.suffix.lower() in (".ecsv", ".fits") else out
-    obs, est, reports = catalogs.read_many(args.input, args.format, args.distance, args.columns)
-    model = load_model(args.model, args.device)
-    post = catalog_posteriors(model, obs["x"], args.samples, args.seed, obs,
-                              progress=Progress(len(obs["x"]), "posteriors (samples, modes, quantiles)").update)
+    obs, est, reports = catalogs.read_many(args.input, args.format, args.distance, args.columns, args.readme,
+                                           args.classes)
+    rows = part_rows(len(obs["x"]), args.part, args.chunk) if args.part else slice(0, len(obs["x"]))
+    model = args.model if args.workers > 1 else load_model(args.model, args.device)
+    stash = Path(f"{stem}_chunks")
+    post = catalog_posteriors(model, obs["x"], args.samples, args.seed, obs, rows=rows, chunk=args.chunk,
+                              stash=stash, workers=args.workers, progress=Progress(rows.stop - rows.start, "posteriors").update)
+    obs = {k: (v[rows] if isinstance(v, np.ndarray) and v.ndim and len(v) == len(obs["x"]) else v)
+           for k, v in obs.items()}
+    est = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in est.items()}
     res = catalog_results(obs, est, post, args.format, with_mle=not args.no_mle)
     res["table"].meta.update({"model": str(args.model), "samples": int(args.samples), "seed": int(args.seed),
-                              "inputs": [str(p) for p in args.input], "format": args.format})
+                              "inputs": [str(p) for p in args.input], "format": args.format,
+                              "part": args.part or "1/1", "rows": [rows.start, rows.stop]})
+    if args.phangs_names:
+        catalogs.add_phangs_names(res["table"])
+    written = _write_catalog(stem, res, obs)
+    if not args.no_figures:
+        written += _catalog_figures(stem, post["examples"], res)
+    for f in stash.glob("chunk_*.npz"):          # the outputs are written: the stash is no longer needed
+        f.unlink()
+    stash.rmdir() if stash.is_dir() else None
+    _print_catalog(obs, reports, res, written)
+    return res["table"]
+
+
+def _write_catalog(stem, res, obs):
+    """The result table (.ecsv, .fits), the observations (_obs.npz) and Table 1 (_inliers*.ecsv); their names."""
     written = [stem.with_suffix(".ecsv"), stem.with_suffix(".fits")]
     for path in written:
         catalogs.write_table_atomic(res["table"], path)
@@ -1074,10 +1191,61 @@ def cmd_catalog(args):
         if table is not None:
             catalogs.write_table_atomic(table, Path(f"{stem}{suffix}"))
             written.append(f"{stem}{suffix}")
-    if not args.no_figures:
-        written += _catalog_figures(stem, post["examples"], res)
-    _print_catalog(obs, reports, res, written)
-    return res["table"]
+    return written
+
+
+def merge_parts(tables):
+    """The result tables of the parts K/N of one catalogue run, joined in order; ValueError unless they are
+    the N parts of the same run (model, seed, samples, inputs, format), each once."""
+    metas = [t.meta for t in tables]
+    keys = ("model", "samples", "seed", "inputs", "format")
+    if any({k: m.get(k) for k in keys} != {k: metas[0].get(k) for k in keys} for m in metas):
+        raise checks.InputError("the tables are not parts of one run (model, samples, seed, inputs or format differ)")
+    parts = sorted((int(m["part"].split("/")[0]), int(m["part"].split("/")[1]), i) for i, m in enumerate(metas))
+    n = parts[0][1]
+    if [p[0] for p in parts] != list(range(1, n + 1)) or any(p[1] != n for p in parts):
+        raise checks.InputError(f"parts {[metas[p[2]]['part'] for p in parts]}: need each of 1/{n} ... {n}/{n} once")
+    merged = vstack([tables[p[2]] for p in parts], metadata_conflicts="silent")
+    merged.meta.update({k: metas[0][k] for k in keys}, part="1/1", rows=[0, len(merged)])
+    return merged
+
+
+def cmd_merge(args):
+    """Join the parts of a catalogue run (--part K/N) into one result table and its Table 1."""
+    tables = []
+    for path in args.input:
+        try:
+            tables.append(Table.read(path))
+        except Exception as err:
+            raise checks.InputError(f"{path}: cannot read as a result table ({type(err).__name__})") from None
+    t = merge_parts(tables)
+    stem = Path(args.out).with_suffix("")
+    for path in (stem.with_suffix(".ecsv"), stem.with_suffix(".fits")):
+        catalogs.write_table_atomic(t, path)
+    inl = inliers_from_table(t, t.meta["format"])
+    if inl is not None:
+        catalogs.write_table_atomic(inl, Path(f"{stem}_inliers.ecsv"))
+        print(catalogs.format_inliers(inl))
+    print(f"merged {len(tables)} parts, {len(t)} clusters -> {stem}.ecsv, {stem}.fits")
+    return t
+
+
+def inliers_from_table(t, fmt):
+    """Table 1 from a result table's own columns (catalog_inliers), or None without references."""
+    p = catalogs.RESULT_PARAMS
+    summ = {"quantiles": np.stack([np.stack([np.asarray(t[f"{q}_q{lev}"], float) for q in p], -1)
+                                   for lev in (16, 50, 84)], 1),
+            "modes": np.stack([np.stack([np.asarray(t[f"{q}_{m}"], float) for q in p], -1)
+                               for m in ("map", "mode2", "mode3")], 1)}
+    col = lambda name: np.stack([np.asarray(t[name.format(q)], float) for q in cols], -1)
+    mle = cat = None
+    if f"mle_{p[0]}" in t.colnames:
+        cols = p
+        mle = {"theta": col("mle_{}"), "lo": col("mle_{}_lo"), "hi": col("mle_{}_hi")}
+    if "cat_log10_age_myr" in t.colnames:
+        cols = ("log10_age_myr", "log10_mstar", "ebv")
+        cat = (col("cat_{}"), col("cat_{}_lo"), col("cat_{}_hi"))
+    return catalog_inliers(summ, mle, cat, fmt) if mle is not None or cat is not None else None
 
 
 def _catalog_figures(stem, examples, res):
@@ -1145,6 +1313,12 @@ def _catalog_parser(sub):
     p.add_argument("--columns", default=None, help="for --format table: flux_F275W=COL,err_F275W=COL,... for all "
                                                    "five bands (mJy unless the column has a unit); optional id, ra, "
                                                    "dec, class, distance, age_myr, mass, ebv, *_err")
+    p.add_argument("--readme", default=None, help="--format legus: the catalogue's readme, which states its columns "
+                                                  "(else --columns FIELD=N, else the layout is detected or refused)")
+    p.add_argument("--classes", default="human", choices=sorted(catalogs.PHANGS_CLASSES),
+                   help="--format phangs: keep classes 1-2 of the human (default) or the machine classification")
+    p.add_argument("--phangs-names", action="store_true", help="also write the results in PHANGS-style columns "
+                   "(CINN_AGE, CINN_AGE_LIMLO, ..., CINN_MASS (current), CINN_EBV) beside the project's own")
     p.add_argument("--model", required=True, help="cINN checkpoint or run directory holding model.pt")
     p.add_argument("--out", required=True, help="result table path; .ecsv and .fits are both written")
     p.add_argument("--samples", type=int, default=10000, help="posterior samples per cluster (paper: 1e4)")
@@ -1152,7 +1326,16 @@ def _catalog_parser(sub):
     p.add_argument("--device", default=None, help="torch device for the cINN (default: cuda if available)")
     p.add_argument("--no-mle", action="store_true", help="skip the grid MLE (grid_posterior.mle)")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--part", default=None, metavar="K/N", help="only the K-th of N contiguous slices of the selected "
+                   "clusters (1-based), e.g. one task of a batch array job; join them with `evaluate.py merge`")
+    p.add_argument("--workers", type=int, default=1, help="processes, each sampling a chunk on one CPU thread")
+    p.add_argument("--chunk", type=int, default=CATALOG_CHUNK, help="clusters per chunk (memory: about chunk x "
+                   "samples x 12 bytes per worker; the same --chunk for every part of a run)")
     p.set_defaults(func=cmd_catalog)
+    p = sub.add_parser("merge", help="join the result tables of the parts (--part K/N) of a catalogue run")
+    p.add_argument("--input", nargs="+", required=True, help="the parts' .ecsv result tables")
+    p.add_argument("--out", required=True, help="the joined result table (.ecsv and .fits)")
+    p.set_defaults(func=cmd_merge)
 
 
 def build_parser():
@@ -1196,7 +1379,12 @@ def build_parser():
 
 def check_args(args):
     """The numbers and the output path of a subcommand, checked before any work (checks.py)."""
+    if args.command == "merge":
+        checks.output_path(Path(args.out).with_suffix(".ecsv"))
+        return
     checks.seed(args.seed)
+    checks.count("--workers", getattr(args, "workers", None))
+    checks.count("--chunk", getattr(args, "chunk", None))
     for name in ("n", "samples", "L"):
         checks.count(f"--{name}", getattr(args, name, None))
     checks.count("--examples", getattr(args, "examples", None), minimum=0)

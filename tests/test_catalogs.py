@@ -17,7 +17,7 @@ def phangs_table(n=6, seed=0):
     """A small valid PHANGS-format table written by hand (independent of simulate.py)."""
     rng = np.random.default_rng(seed)
     t = Table()
-    t["ID_PHANGS_CLUSTERS"] = np.arange(1, n + 1)
+    t["ID_PHANGS_CLUSTERS_v1p2"] = np.arange(1, n + 1)
     t["PHANGS_RA"] = 10 + rng.random(n)
     t["PHANGS_DEC"] = -5 + rng.random(n)
     for b in BANDS:
@@ -124,13 +124,13 @@ def test_read_phangs_values_and_eq10(tmp_path):
     np.testing.assert_allclose(est["log10_mass"], np.log10(t["PHANGS_MASS_MINCHISQ"]))
     np.testing.assert_allclose(est["log10_mass_hi"], np.log10(t["PHANGS_MASS_MINCHISQ"] + 100))
     np.testing.assert_allclose(est["age_myr_lo"], t["PHANGS_AGE_MINCHISQ"] - 1)
-    np.testing.assert_array_equal(obs["id"], t["ID_PHANGS_CLUSTERS"])
+    np.testing.assert_array_equal(obs["id"], t["ID_PHANGS_CLUSTERS_v1p2"])
     np.testing.assert_allclose(obs["ra_deg"], t["PHANGS_RA"])
     assert np.all(obs["flags"] == 0)
 
 
 @pytest.mark.parametrize("col", ["PHANGS_F438W_mJy_TOT", "PHANGS_F814W_mJy_TOT_ERR", "PHANGS_CLUSTER_CLASS_HUMAN",
-                                 "ID_PHANGS_CLUSTERS", "PHANGS_RA"])
+                                 "ID_PHANGS_CLUSTERS_v1p2", "PHANGS_RA"])
 def test_read_phangs_missing_column(tmp_path, col):
     t = phangs_table()
     t.remove_column(col)
@@ -175,7 +175,7 @@ def test_read_phangs_flags(tmp_path):
 
 def test_read_phangs_duplicate_ids(tmp_path):
     t = phangs_table()
-    t["ID_PHANGS_CLUSTERS"][3] = t["ID_PHANGS_CLUSTERS"][1]
+    t["ID_PHANGS_CLUSTERS_v1p2"][3] = t["ID_PHANGS_CLUSTERS_v1p2"][1]
     t.write(tmp_path / "p.fits")
     with pytest.raises(ValueError, match=r"duplicate id.*id 2 at rows \[1, 3\]"):
         catalogs.read_phangs(tmp_path / "p.fits", 10.0)
@@ -262,7 +262,7 @@ def legus_file(tmp_path, rows, name="hlsp_legus_hst_wfc3_ngc9999_multiband_v1_pa
 def test_legus_sky_positions_out_of_range_and_binary_files_are_refused(tmp_path):
     row = legus_row(1).split()
     row[4] = "150.0"                                     # Dec 150: not a declination, a wrong column
-    with pytest.raises(ValueError, match="Dec outside"):
+    with pytest.raises(ValueError, match="Dec outside|Dec in \\[-90, 90\\]"):
         catalogs.read_legus(legus_file(tmp_path, [" ".join(row) + "\n"]), 10.0)
     binary = tmp_path / "hlsp_legus_hst_wfc3_ngc1_multiband.tab"
     binary.write_bytes(bytes(range(256)) * 4)
@@ -319,6 +319,54 @@ def test_legus_truncated_empty_duplicates(tmp_path):
         catalogs.read_legus(legus_file(tmp_path, ["\n"]), 10.0)
     with pytest.raises(ValueError, match="duplicate id"):
         catalogs.read_legus(legus_file(tmp_path, [legus_row(1), legus_row(1)]), 10.0)
+
+
+def layout_rows(n=12, shift=0, cls_at=None, extra=(), seed=0):
+    """LEGUS rows of the published layout (legus_row) with `shift` mosaic x, y columns inserted before RA, the
+    class moved from column 34 to 1-based column `cls_at` (column 34 then '-'), and `extra` columns appended."""
+    rng = np.random.default_rng(seed)
+    lines, classes = [], rng.choice([1.0, 2.0, 3.0, 4.0], n)
+    for i in range(n):
+        parts = legus_row(i + 1, cls=classes[i], ncol=35).split()
+        parts[34] = "%.3f" % (classes[i] + 0.333)                # the mean class: not a class value
+        if shift:
+            parts[3:3] = ["%.1f" % rng.uniform(1000, 9000), "%.1f" % rng.uniform(1000, 9000)]
+        if cls_at:
+            parts += ["7"] * (cls_at - len(parts) - 1) + [parts[33 + shift]]      # flags, then the class
+            parts[33 + shift] = "-"
+        parts += [str(v) for v in extra]
+        lines.append(" ".join(parts) + "\n")
+    return lines, np.flatnonzero(np.isin(classes, (1, 2))) + 1
+
+
+def test_legus_layouts_are_read_right_or_refused(tmp_path):
+    """The published layout, the one with two mosaic x, y columns before RA (everything after moves by two),
+    the class moved right of an empty column 34, a readme that states the columns, an explicit map: each read
+    with the ids its construction implies; a class column that could be either of two is refused."""
+    for kw in (dict(), dict(shift=2), dict(cls_at=37), dict(shift=2, cls_at=39)):
+        lines, kept = layout_rows(**kw)
+        obs, _, _ = catalogs.read_legus(legus_file(tmp_path, lines), 10.0)
+        assert obs["id"].tolist() == kept.tolist(), kw
+        np.testing.assert_allclose(obs["ra_deg"], 10.5)
+    lines, kept = layout_rows(cls_at=37)
+    amb = [line.rstrip("\n") + " 1\n" for line in lines]           # a second class-like column: which one?
+    with pytest.raises(ValueError, match="ambiguous"):
+        catalogs.read_legus(legus_file(tmp_path, amb), 10.0)
+    obs, _, _ = catalogs.read_legus(legus_file(tmp_path, amb), 10.0, columns="class=37")
+    assert obs["id"].tolist() == kept.tolist()
+    readme = tmp_path / "catalogue.readme"
+    names = ["source id", "x", "y", "RA coordinates", "DEC coordinates"]
+    for b in catalogs.BANDS:
+        names += [f"final total mag in WFC3/{b}", f"final photometric error in WFC3/{b}"]
+    names += ["CI", "best age in yr", "max age in yr", "min age in yr", "best mass", "max mass", "min mass",
+              "best E(B-V)", "max E(B-V)", "min E(B-V)"] + ["chi2 residual"] * 5 + ["reduced chi2", "Q",
+              "Number of filter", "another class scheme", "class, applying the mean", "flag",
+              "Final assigned class of the source after visual inspection, applying the mode"]
+    readme.write_text("Order of the columns\n" + "".join(f"{k + 1}. {n}\n" for k, n in enumerate(names)))
+    obs, _, _ = catalogs.read_legus(legus_file(tmp_path, amb), 10.0, readme=readme)
+    assert obs["id"].tolist() == kept.tolist()
+    with pytest.raises(ValueError, match="no LEGUS layout fits"):
+        catalogs.read_legus(legus_file(tmp_path, [" ".join(["3.5"] * 36) + "\n"] * 3), 10.0)
 
 
 @HYP
@@ -488,3 +536,30 @@ def test_read_many_concatenates_fields(tmp_path):
     obs, est, reports = catalogs.read_many(paths, "phangs", 9.0)
     assert obs["field"].tolist() == ["ngc1433"] * 4 + ["ngc628"] * 3
     assert len(obs["x"]) == len(est["age_myr"]) == 7 and [r["kept"] for r in reports] == [4, 3]
+
+
+@pytest.mark.parametrize("release", ["dr4", "dr5"])
+def test_phangs_releases_and_classes(tmp_path, release):
+    """Synthetic catalogues in the columns of DR4 and of DR5: read with their ids and their own estimates (the
+    truth here), human or machine classes on request; counts per reason add up."""
+    path = tmp_path / f"hlsp_phangs-cat_hst_uvis_ngc9999_multi_v1_{release}.fits"
+    syn = catalogs.make_synthetic_phangs(path, 200, seed=4, release=release)
+    id_col = "ID_PHANGS_CLUSTER" if release == "dr5" else "ID_PHANGS_CLUSTERS_v1p2"
+    for classes, col in (("human", "PHANGS_CLUSTER_CLASS_HUMAN"), ("machine", "PHANGS_CLUSTER_CLASS_ML_VGG")):
+        obs, est, rep = catalogs.read_phangs(path, 10.0, classes=classes)
+        ok = np.isin(syn[col], (1, 2)) & (syn["PHANGS_NO_COVERAGE_FLAG"] == 0) & (syn["PHANGS_NON_DETECTION_FLAG"] == 0)
+        assert obs["id"].tolist() == list(syn[id_col][ok]) and rep["release"] == release
+        assert rep["rows"] == rep["kept"] + sum(rep["dropped"].values())
+        np.testing.assert_allclose(est["age_myr"], syn[ok][next(c for c in syn.colnames if c.endswith("AGE")
+                                                               or c == "PHANGS_AGE_MINCHISQ")])
+    human = catalogs.read_phangs(path, 10.0)[0]["id"]
+    assert set(human) != set(obs["id"])                       # the two classifications differ
+
+
+def test_phangs_style_result_columns():
+    t = Table({"log10_age_myr_map": [1.0], "log10_age_myr_q16": [0.5], "log10_age_myr_q84": [2.0],
+               "log10_mstar_map": [4.0], "log10_mstar_q16": [3.9], "log10_mstar_q84": [4.2],
+               "ebv_map": [0.1], "ebv_q16": [0.05], "ebv_q84": [0.2]})
+    catalogs.add_phangs_names(t)
+    np.testing.assert_allclose([t["CINN_AGE"][0], t["CINN_AGE_LIMHI"][0], t["CINN_MASS_LIMLO"][0], t["CINN_EBV"][0]],
+                               [10.0, 100.0, 10 ** 3.9, 0.1])

@@ -260,8 +260,9 @@ def _log10_positive(value):
 
 def _log10_range(value, err):
     """Linear value +- err -> (log10 lo, log10 hi); lo = -inf when value - err <= 0, NaN where unknown."""
+    low = np.asarray(value, float) - np.asarray(err, float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lo = np.log10(np.where(value - err > 0, value - err, 0.0))
+        lo = np.log10(np.where(np.isnan(low), np.nan, np.where(low > 0, low, 0.0)))
         hi = np.log10(value + err)
     return lo, hi
 
@@ -356,7 +357,7 @@ def _phangs_estimates(tab):
         if key == "log10_mass":
             with np.errstate(divide="ignore", invalid="ignore"):
                 est[key] = _log10_positive(v)
-                est[key + "_lo"] = np.log10(np.where(a > 0, a, 0.0))
+                est[key + "_lo"] = np.log10(np.where(np.isnan(a), np.nan, np.where(a > 0, a, 0.0)))
                 est[key + "_hi"] = _log10_positive(b)
         else:
             est[key], est[key + "_lo"], est[key + "_hi"] = v, a, b
@@ -395,7 +396,8 @@ def make_synthetic_phangs(path, n, seed, distance_mpc=10.0, class_probs=(0.45, 0
     no-coverage flag and 2 % a non-detection flag with a NaN flux, so the selection has work to do.
     The estimate columns hold the TRUE parameters (age Myr, current stellar mass, E(B-V)) without errors (NaN):
     on this synthetic catalogue "the catalogue's own estimate" is the truth, so the Table 1 share "truth inside
-    the cINN 16-84 % interval" is a coverage check (68 % when calibrated). The machine class agrees with the human
+    the cINN 16-84 % interval" is a coverage check (68 % when calibrated and the reader's errors equal the noise
+    drawn; read_phangs adds SYS_ERR in quadrature, so expect a little more). The machine class agrees with the human
     one for 90 % of the clusters.
     Returns the table (astropy Table) and writes it atomically.
     """
@@ -465,10 +467,13 @@ def _load_legus_text(path):
         if not parts or parts[0].startswith("#"):
             continue
         width = width or len(parts)
-        if len(parts) < max(width, LEGUS_MIN_COLUMNS):
+        if len(parts) < LEGUS_MIN_COLUMNS:
             raise ValueError(f"{path}: line {lineno} has {len(parts)} columns, a LEGUS catalogue row needs "
-                             f">= {max(width, LEGUS_MIN_COLUMNS)} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., "
-                             f"class); truncated file or wrong number of bands?")
+                             f">= {LEGUS_MIN_COLUMNS} (id, x, y, RA, Dec, 5 bands x (mag, err), CI, ..., class); "
+                             f"truncated file or wrong number of bands?")
+        if len(parts) != width:
+            raise ValueError(f"{path}: line {lineno} has {len(parts)} columns, the first row {width}; every row "
+                             "of a LEGUS catalogue has the same columns (truncated or joined lines?)")
         try:
             rows.append([np.nan if p in NAN_TOKENS else float(p) for p in parts[:width]])
         except ValueError:
@@ -537,17 +542,22 @@ def _legus_problems(a, col):
     if max(col.values()) >= a.shape[1]:
         return [f"needs {max(col.values()) + 1} columns, the file has {a.shape[1]}"]
     sentinel = np.isin(np.round(a, 3), LEGUS_SENTINELS + FLUX_SENTINELS) | np.isnan(a)   # missing, not contradicting
-    checks_ = [("RA in [0, 360)", (a[:, col["ra"]] >= 0) & (a[:, col["ra"]] < 360)),
-               ("Dec in [-90, 90]", np.abs(a[:, col["dec"]]) <= 90),
-               ("Nflt in {0, 3, 4, 5, 200}", np.isin(a[:, col["nflt"]], LEGUS_NFLT)),
-               ("a visual class in {0, 1, 2, 3, 4}", np.isin(a[:, col["class"]], (0, 1, 2, 3, 4)))]
+    v = lambda field: a[:, col[field]]
+    rules = [("RA in [0, 360)", "ra", (v("ra") >= 0) & (v("ra") < 360)),
+             ("Dec in [-90, 90]", "dec", np.abs(v("dec")) <= 90),
+             ("Nflt in {0, 3, 4, 5, 200}", "nflt", np.isin(v("nflt"), LEGUS_NFLT)),
+             ("a visual class in {0, 1, 2, 3, 4}", "class", np.isin(v("class"), (0, 1, 2, 3, 4)))]
     for b in BANDS:
-        m, e = col[f"mag_{b}"], col[f"err_{b}"]
-        checks_ += [(f"{b} magnitudes (5-40 mag or a sentinel)", ((a[:, m] > 5) & (a[:, m] < 40)) | sentinel[:, m]),
-                    (f"{b} errors (>= 0 or a sentinel)", (a[:, e] >= 0) | sentinel[:, e])]
-    return [f"{name} (column {col_ + 1})" for (name, ok), col_ in
-            zip(checks_, [col["ra"], col["dec"], col["nflt"], col["class"]]
-                + [col[f"{q}_{b}"] for b in BANDS for q in ("mag", "err")]) if np.mean(ok) < LEGUS_LAYOUT_SHARE]
+        m, e = f"mag_{b}", f"err_{b}"
+        rules += [(f"{b} magnitudes (5-40 mag or a sentinel)", m, ((v(m) > 5) & (v(m) < 40)) | sentinel[:, col[m]]),
+                  (f"{b} errors (>= 0 or a sentinel)", e, (v(e) >= 0) | sentinel[:, col[e]])]
+    for q in LEGUS_ESTIMATES:                  # 0 = not fitted; E(B-V) 200 is a sentinel of some fields
+        ok = {"age": (v(q) == 0) | ((v(q) >= 1e5) & (v(q) <= 2e10)),
+              "mas": (v(q) == 0) | ((v(q) >= 1) & (v(q) <= 1e10)),
+              "ebv": ((v(q) >= 0) & (v(q) <= 3)) | (v(q) == 200)}[q[:3]]
+        rules.append((f"{q.replace('_', ' ')} (age 0 or 1e5-2e10 yr, mass 0 or 1-1e10 Msun, E(B-V) 0-3)", q,
+                      ok | np.isnan(v(q))))
+    return [f"{name} (column {col[field] + 1})" for name, field, ok in rules if np.mean(ok) < LEGUS_LAYOUT_SHARE]
 
 
 def legus_layout(path, a, readme=None, columns=None):
@@ -555,6 +565,11 @@ def legus_layout(path, a, readme=None, columns=None):
     be (RA, Dec, magnitudes, Nflt, classes) among the published layouts (with or without two mosaic x, y columns
     before RA; the class in column 34 or, where that column holds no class, the one class-like column to its
     right). Refuses, naming the file and what is wrong or ambiguous, rather than read a wrong column."""
+    if readme and columns:
+        raise ValueError(f"{path}: give the layout once: --readme or --columns, not both")
+    if "acs" in Path(path).name.lower() and not (readme or columns):    # the values cannot tell bands apart
+        raise ValueError(f"{path}: an ACS catalogue may hold F435W/F555W/F606W, not the WFC3/UVIS bands "
+                         f"{list(BANDS)}; give its --readme (which names the bands) or --columns")
     if readme or columns:
         col = parse_legus_readme(readme) if readme else parse_legus_columns(columns)
         problems = _legus_problems(a, col)
@@ -579,9 +594,10 @@ def legus_layout(path, a, readme=None, columns=None):
 
 
 def _class_column(path, a, standard):
-    """The visual class where its standard column holds none: the one column to its right whose values are all
-    classes (0-4); ValueError if there are none or several."""
-    like = [k for k in range(standard + 1, a.shape[1]) if np.all(np.isin(a[:, k], (0, 1, 2, 3, 4)))]
+    """The visual class where its standard column holds none: the one column to its right whose values are
+    classes (0-4) in the share of rows a layout needs (LEGUS_LAYOUT_SHARE); ValueError if none or several."""
+    like = [k for k in range(standard + 1, a.shape[1])
+            if np.mean(np.isin(a[:, k], (0, 1, 2, 3, 4))) >= LEGUS_LAYOUT_SHARE]
     if len(like) != 1:
         raise ValueError(f"{path}: column {standard + 1} holds no visual class and "
                          + (f"columns {[k + 1 for k in like]} all could: ambiguous" if like else "no column could")
@@ -602,6 +618,9 @@ def read_legus(path, distance_mpc, readme=None, columns=None):
     a = _load_legus_text(path)
     col = legus_layout(path, a, readme, columns)
     c = {k: a[:, i] for k, i in col.items()}
+    bad = ~np.isfinite(c["id"]) | (c["id"] != np.round(c["id"]))
+    if bad.any():
+        raise ValueError(f"{path}: row {int(np.argmax(bad)) + 1}: the source id {c['id'][bad][0]} is not an integer")
     ids = c["id"].astype(np.int64)
     _check_ids(path, ids)
     mag = np.stack([c[f"mag_{b}"] for b in BANDS], axis=1)
@@ -871,10 +890,10 @@ def result_table(obs, est, summ, chi2_map, mle=None, densest=None):
         for j, p in enumerate(RESULT_PARAMS):
             t[f"mle_{p}"], t[f"mle_{p}_lo"], t[f"mle_{p}_hi"] = mle["theta"][:, j], mle["lo"][:, j], mle["hi"][:, j]
         t["chi2_resim_mle"] = mle["chi2"]
-    cat, lo, hi = catalogue_estimates(est)
-    if np.isfinite(cat).any():
-        for j, p in enumerate(("log10_age_myr", "log10_mstar", "ebv")):
-            t[f"cat_{p}"], t[f"cat_{p}_lo"], t[f"cat_{p}_hi"] = cat[:, j], lo[:, j], hi[:, j]
+    cat, lo, hi = catalogue_estimates(est)          # always written (NaN where none), so parts of a run agree
+    for j, p in enumerate(("log10_age_myr", "log10_mstar", "ebv")):
+        t[f"cat_{p}"], t[f"cat_{p}_lo"], t[f"cat_{p}_hi"] = cat[:, j], lo[:, j], hi[:, j]
+        t[f"cat_{p}"].description = f"the catalogue's own estimate (NaN where it has none); {RESULT_UNITS[p]}"
     t["flags"] = obs["flags"]
     t["flags"].description = "bit mask: " + ", ".join(f"{b} {k}" for k, b in FLAG_BITS.items())
     t["flag_names"] = flag_names(obs["flags"])

@@ -84,6 +84,11 @@ def _log_phi(u):
     return -0.5 * u * u - 0.5 * math.log(2 * math.pi)
 
 
+def _open_unit(v):
+    """v clamped into the open unit interval that Phi^-1 maps to finite values in v's precision."""
+    return v.clamp(1e-12, 1 - 1e-7 if v.dtype == torch.float32 else 1 - 1e-12)
+
+
 def soft_clamp(s, clamp):
     """(2 clamp / pi) atan(s / clamp): ~s for small s, bounded by +-clamp (stabilises exp(s))."""
     return (2.0 * clamp / math.pi) * torch.atan(s / clamp)
@@ -164,7 +169,7 @@ def rq_spline(x, params, bins, bound=None, inverse=False):
         d = torch.cat([one, d, one], dim=-1)
     inside = (x >= lo) & (x <= hi)
     xc = x.clamp(lo, hi)
-    k = (torch.searchsorted((yk if inverse else xk).contiguous(), xc.unsqueeze(-1)) - 1).clamp(0, bins - 1)
+    k = (torch.searchsorted((yk if inverse else xk).contiguous(), xc.unsqueeze(-1).contiguous()) - 1).clamp(0, bins - 1)
     take = lambda a, j=0: torch.gather(a, -1, k + j).squeeze(-1)
     x0, w, y0, h = take(xk), take(xk, 1) - take(xk), take(yk), take(yk, 1) - take(yk)
     d0, d1 = take(d), take(d, 1)
@@ -306,7 +311,7 @@ class CINN(nn.Module):
             u = u[:, getattr(self, f"perm{k}")]
             logdet = logdet + ld
         if cube and self.config.base == "gaussian":
-            u = torch.special.ndtri(u.clamp(1e-12, 1 - 1e-7 if u.dtype == torch.float32 else 1 - 1e-12))
+            u = torch.special.ndtri(_open_unit(u))
             logdet = logdet - _log_phi(u).sum(dim=1)
         return u, logdet
 
@@ -319,7 +324,7 @@ class CINN(nn.Module):
         for k in reversed(range(len(self.blocks))):
             z = z[:, getattr(self, f"inv_perm{k}")]
             z = self.blocks[k].inverse(z, c)
-        return torch.special.ndtri(z) if cube else z
+        return torch.special.ndtri(_open_unit(z)) if cube else z
 
     def log_prob_u(self, u, x):
         """log p(u | x) = log p_base(z) + log|det dz/du| (Eq. 4 without the mean); p_base the standard normal,
@@ -387,10 +392,11 @@ class CINN(nn.Module):
             z = torch.rand(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
         else:
             z = torch.randn(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
+        c = c.repeat_interleave(n, dim=0)
         if n > batch_rows:                           # very many samples of one cluster: split further
-            u = torch.cat([self.to_params(zz, c=c.expand(zz.shape[0], -1)) for zz in z.split(batch_rows)])
+            u = torch.cat([self.to_params(zz, c=cc) for zz, cc in zip(z.split(batch_rows), c.split(batch_rows))])
         else:
-            u = self.to_params(z, c=c.repeat_interleave(n, dim=0))
+            u = self.to_params(z, c=c)
         return u.double().cpu().numpy()
 
     def log_prob(self, theta, x, batch_rows=1 << 17):

@@ -735,6 +735,9 @@ def part_rows(n, part, chunk=CATALOG_CHUNK):
     if not 1 <= k <= n_parts:
         raise checks.InputError(f"--part must be K/N with 1 <= K <= N, got {part!r}")
     n_chunks = -(-n // chunk)
+    if n_parts > n_chunks:
+        raise checks.InputError(f"--part {part}: {n} clusters make {n_chunks} chunks of {chunk}, fewer than "
+                                f"{n_parts} parts (some would be empty); use at most {n_chunks} parts or a smaller --chunk")
     return slice(min((k - 1) * n_chunks // n_parts * chunk, n), min(k * n_chunks // n_parts * chunk, n))
 
 
@@ -762,46 +765,64 @@ def _worker_chunk(args):
 
 
 def catalog_posteriors(model, x, n_samples, seed, obs, rows=slice(None), chunk=CATALOG_CHUNK, n_examples=3,
-                       progress=None, stash=None, workers=1):
+                       progress=None, stash=None, workers=1, device=None):
     """Posterior summaries of the clusters x[rows], a chunk of clusters at a time: memory holds one chunk of
     samples (chunk x n_samples x 3) per worker, whatever the catalogue's length.
 
     Args:
-        model: a trained cINN, or the path of one (needed for workers > 1: each worker process loads it).
+        model: the path of a trained cINN (each worker process loads it), or a loaded one (workers = 1).
         x (N, 11), obs (flux_mjy, rel_err, distance_mpc) of the whole catalogue; rows: the clusters to do
             (part_rows), starting at a multiple of chunk.
         seed: the chunks' seeds come from it and their global index, so any part draws the samples of the
-            whole run. stash: a directory where every finished chunk is kept (a rerun takes them from there
-            instead of redoing them; refused if they were made by another run). workers: processes.
+            whole run (on the same kind of device: CPU and CUDA generators draw different streams). stash: a
+            directory where every finished chunk is kept (a rerun takes them from there instead of redoing them;
+            refused if they were made by another run or on another kind of device). workers: processes, each on
+            the CPU; device: the torch device of a single process (default: cuda if available).
         progress: called with the number of clusters done.
     Returns:
         dict summ3 (modes, quantiles, n_modes), summ (with log M*), densest (n, 3), examples (global indices,
-        samples and summ3 of the n_examples most multimodal clusters).
+        samples and summ3 of the n_examples most multimodal clusters), key (stash_key: the parts of one run
+        share it) and device (the kind it sampled on).
     """
     start, stop, _ = rows.indices(len(x))
+    assert start % chunk == 0, "a part starts at a multiple of the chunk (part_rows)"
+    device = sampling_device(model, workers, device)
     seeds = np.random.default_rng(seed).integers(0, 2 ** 62, size=max(1, -(-len(x) // chunk)))
     todo = list(range(start // chunk, -(-stop // chunk)))
     args = {c: (x[c * chunk:(c + 1) * chunk], n_samples, seeds[c], obs["flux_mjy"][c * chunk:(c + 1) * chunk],
                 obs["rel_err"][c * chunk:(c + 1) * chunk], obs["distance_mpc"][c * chunk:(c + 1) * chunk],
                 n_examples) for c in todo}
-    key = _stash_key(model, x, n_samples, seed, chunk)
+    key = stash_key(model, x, n_samples, seed, chunk, device)
     done = {c: r for c in todo if (r := _from_stash(stash, c, key)) is not None}
-    for c, part in _run_chunks(model, args, [c for c in todo if c not in done], workers):
+    for c, part in _run_chunks(model, args, [c for c in todo if c not in done], workers, device):
         done[c] = part
         if stash:
             save_npz(Path(stash) / f"chunk_{c:06d}.npz", key=key, **part)
         if progress:
             progress(min(sum(len(args[k][0]) for k in done), stop - start))
-    return _join_chunks([done[c] for c in todo], [c * chunk for c in todo], n_examples)
+    return dict(_join_chunks([done[c] for c in todo], [c * chunk for c in todo], n_examples), key=key, device=device)
 
 
-def _stash_key(model, x, n_samples, seed, chunk):
-    """What a stashed chunk must have been made with: the model's weights, the inputs, samples, seed, chunk."""
-    path = Path(model) if isinstance(model, (str, Path)) else None
-    weights = (path / "model.pt" if path.is_dir() else path).read_bytes() if path else \
-        b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())
+def sampling_device(model, workers, device=None):
+    """The kind of torch device a catalogue run samples on ("cpu" or "cuda"): worker processes use the CPU."""
+    if workers > 1:
+        if device not in (None, "cpu"):
+            raise checks.InputError(f"--workers {workers} sample on the CPU; --device {device} needs --workers 1")
+        return "cpu"
+    if not isinstance(model, (str, Path)):
+        return next(model.parameters()).device.type
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+
+
+def stash_key(model, x, n_samples, seed, chunk, device):
+    """What the samples of a catalogue run depend on, as a digest: the model's weights, the inputs, the samples
+    per cluster, seed, chunk and the kind of device. Stashed chunks and merged parts must share it."""
+    model = load_model(model, "cpu") if isinstance(model, (str, Path)) else model
+    weights = b"".join(v.cpu().numpy().tobytes() for v in model.state_dict().values())
+    settings = model.transform.settings if model.method == "refined" else None
     h = hashlib.sha256()
-    for part in (weights, np.ascontiguousarray(x).tobytes(), f"{n_samples} {seed} {chunk}".encode()):
+    for part in (weights, f"{model.method} {model.config} {settings}".encode(), np.ascontiguousarray(x).tobytes(),
+                 f"{n_samples} {seed} {chunk} {device}".encode()):
         h.update(part)
     return h.hexdigest()
 
@@ -818,10 +839,10 @@ def _from_stash(stash, c, key):
     return part
 
 
-def _run_chunks(model, args, todo, workers):
+def _run_chunks(model, args, todo, workers, device):
     """Yield (chunk index, results) for the chunks todo, in order, in this process or in `workers` processes."""
     if workers <= 1 or len(todo) <= 1:
-        model = load_model(model) if isinstance(model, (str, Path)) else model
+        model = load_model(model, device) if isinstance(model, (str, Path)) else model
         for c in todo:
             yield c, _chunk_posteriors(model, *args[c])
         return
@@ -867,12 +888,12 @@ def catalog_results(obs, est, post, fmt, with_mle=True):
         theta4, lo4, hi4 = catalogs.with_mstar(th, lo, hi)
         mle = {"theta": theta4, "lo": lo4, "hi": hi4, "chi2": res_grid["chi2_mle"]}
     table = catalogs.result_table(obs, est, summ, chi2_map, mle, post["densest"])
-    cat, res_cat = catalogs.catalogue_estimates(est), None
-    if np.isfinite(cat[0]).any():
-        res_cat = _catalogue_comparison(obs, cat, summ, sigma, chi2_map)
-        table["chi2_resim_cat"] = res_cat["chi2_mle"]
-        table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
-    cat = cat if res_cat is not None else None
+    cat = catalogs.catalogue_estimates(est)
+    res_cat = _catalogue_comparison(obs, cat, summ, sigma, chi2_map)
+    table["chi2_resim_cat"] = res_cat["chi2_mle"]          # NaN where the catalogue has no estimate
+    table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
+    if not np.isfinite(cat[0]).any():                      # no estimates at all: nothing to compare with
+        cat = res_cat = None
     fields = obs["field"]
     several = len(set(fields)) > 1 and (mle is not None or cat is not None)
     return dict(table=table, inliers=catalog_inliers(summ, mle, cat, fmt), res_grid=res_grid, res_cat=res_cat,
@@ -1153,22 +1174,24 @@ def cmd_catalog(args):
     the Fig. 6 / 8 / B.3 figures against the grid MLE and the catalogue and example posteriors. Finished chunks
     are kept in OUT_chunks/ until the end, so an interrupted run resumes; --part K/N does one slice of the
     clusters (merge the parts with `evaluate.py merge`)."""
-    out = Path(args.out)
-    stem = out.with_suffix("") if out.suffix.lower() in (".ecsv", ".fits") else out
+    stem = catalog_stem(args.out)
     obs, est, reports = catalogs.read_many(args.input, args.format, args.distance, args.columns, args.readme,
                                            args.classes)
     rows = part_rows(len(obs["x"]), args.part, args.chunk) if args.part else slice(0, len(obs["x"]))
     model = args.model if args.workers > 1 else load_model(args.model, args.device)
     stash = Path(f"{stem}_chunks")
     post = catalog_posteriors(model, obs["x"], args.samples, args.seed, obs, rows=rows, chunk=args.chunk,
-                              stash=stash, workers=args.workers, progress=Progress(rows.stop - rows.start, "posteriors").update)
+                              stash=stash, workers=args.workers, device=args.device,
+                              progress=Progress(rows.stop - rows.start, "posteriors").update)
+    n_total = len(obs["x"])
     obs = {k: (v[rows] if isinstance(v, np.ndarray) and v.ndim and len(v) == len(obs["x"]) else v)
            for k, v in obs.items()}
     est = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in est.items()}
     res = catalog_results(obs, est, post, args.format, with_mle=not args.no_mle)
     res["table"].meta.update({"model": str(args.model), "samples": int(args.samples), "seed": int(args.seed),
-                              "inputs": [str(p) for p in args.input], "format": args.format,
-                              "part": args.part or "1/1", "rows": [rows.start, rows.stop]})
+                              "inputs": [str(p) for p in args.input], "format": args.format, "run": post["key"],
+                              "device": post["device"], "mle": not args.no_mle, "chunk": int(args.chunk),
+                              "n_total": n_total, "part": args.part or "1/1", "rows": [rows.start, rows.stop]})
     if args.phangs_names:
         catalogs.add_phangs_names(res["table"])
     written = _write_catalog(stem, res, obs)
@@ -1181,9 +1204,15 @@ def cmd_catalog(args):
     return res["table"]
 
 
+def catalog_stem(out):
+    """The stem of a catalogue run's files: --out without a .ecsv or .fits suffix (any other dot is kept)."""
+    out = str(out)
+    return out[:-5] if out.lower().endswith((".ecsv", ".fits")) else out
+
+
 def _write_catalog(stem, res, obs):
     """The result table (.ecsv, .fits), the observations (_obs.npz) and Table 1 (_inliers*.ecsv); their names."""
-    written = [stem.with_suffix(".ecsv"), stem.with_suffix(".fits")]
+    written = [Path(f"{stem}.ecsv"), Path(f"{stem}.fits")]
     for path in written:
         catalogs.write_table_atomic(res["table"], path)
     save_npz(f"{stem}_obs.npz", **{k: v for k, v in obs.items() if k != "field"}, field=obs["field"].astype(str))
@@ -1194,19 +1223,45 @@ def _write_catalog(stem, res, obs):
     return written
 
 
-def merge_parts(tables):
-    """The result tables of the parts K/N of one catalogue run, joined in order; ValueError unless they are
-    the N parts of the same run (model, seed, samples, inputs, format), each once."""
-    metas = [t.meta for t in tables]
-    keys = ("model", "samples", "seed", "inputs", "format")
-    if any({k: m.get(k) for k in keys} != {k: metas[0].get(k) for k in keys} for m in metas):
-        raise checks.InputError("the tables are not parts of one run (model, samples, seed, inputs or format differ)")
-    parts = sorted((int(m["part"].split("/")[0]), int(m["part"].split("/")[1]), i) for i, m in enumerate(metas))
-    n = parts[0][1]
-    if [p[0] for p in parts] != list(range(1, n + 1)) or any(p[1] != n for p in parts):
-        raise checks.InputError(f"parts {[metas[p[2]]['part'] for p in parts]}: need each of 1/{n} ... {n}/{n} once")
-    merged = vstack([tables[p[2]] for p in parts], metadata_conflicts="silent")
-    merged.meta.update({k: metas[0][k] for k in keys}, part="1/1", rows=[0, len(merged)])
+MERGE_KEYS = ("run", "model", "samples", "seed", "inputs", "format", "device", "mle", "chunk", "n_total")
+
+
+def merge_parts(tables, names=None):
+    """The result tables of the parts K/N of one catalogue run, joined in order.
+
+    Args:
+        tables: astropy Tables written by `evaluate.py catalog --part K/N` (.ecsv: their meta says what run and
+            rows they hold); names: their file names, for the messages.
+    Returns:
+        the joined Table; InputError unless they are the N parts of one run (the same stash_key: model,
+        inputs, samples, seed, chunk, device; the same format and MLE choice), each once, whose rows follow
+        one another from the first cluster to the last, with the same columns.
+    """
+    names = names or [f"table {i + 1}" for i in range(len(tables))]
+    for t, name in zip(tables, names):
+        missing = [k for k in MERGE_KEYS + ("part", "rows") if k not in t.meta]
+        if missing:
+            raise checks.InputError(f"{name}: not a part of a catalogue run (no {missing} in its meta; merge the "
+                                    ".ecsv tables that `evaluate.py catalog --part K/N` wrote)")
+    first = tables[0].meta
+    for t, name in zip(tables, names):
+        differ = [k for k in MERGE_KEYS if t.meta[k] != first[k]]
+        if differ:
+            raise checks.InputError(f"{name} is not a part of the same run as {names[0]} ({', '.join(differ)} differ)")
+    order = sorted(range(len(tables)), key=lambda i: int(tables[i].meta["part"].split("/")[0]))
+    n = int(first["part"].split("/")[1])
+    labels = [tables[i].meta["part"] for i in order]
+    if labels != [f"{k}/{n}" for k in range(1, n + 1)]:
+        raise checks.InputError(f"parts {labels}: need each of 1/{n} ... {n}/{n} once")
+    stops = [0] + [int(tables[i].meta["rows"][1]) for i in order]
+    if [int(tables[i].meta["rows"][0]) for i in order] != stops[:-1] or stops[-1] != first["n_total"]:
+        raise checks.InputError(f"the parts' rows {[tables[i].meta['rows'] for i in order]} do not cover "
+                                f"0 ... {first['n_total']} one after another")
+    try:
+        merged = vstack([tables[i] for i in order], join_type="exact", metadata_conflicts="silent")
+    except Exception as err:                              # astropy's TableMergeError: the columns differ
+        raise checks.InputError(f"the parts have different columns ({str(err).splitlines()[0]})") from None
+    merged.meta.update({k: first[k] for k in MERGE_KEYS}, part="1/1", rows=[0, len(merged)])
     return merged
 
 
@@ -1214,13 +1269,16 @@ def cmd_merge(args):
     """Join the parts of a catalogue run (--part K/N) into one result table and its Table 1."""
     tables = []
     for path in args.input:
+        if not str(path).lower().endswith(".ecsv"):
+            raise checks.InputError(f"{path}: merge reads the parts' .ecsv tables (their meta says which rows "
+                                    "of which run they hold)")
         try:
-            tables.append(Table.read(path))
+            tables.append(Table.read(path, format="ascii.ecsv"))
         except Exception as err:
             raise checks.InputError(f"{path}: cannot read as a result table ({type(err).__name__})") from None
-    t = merge_parts(tables)
-    stem = Path(args.out).with_suffix("")
-    for path in (stem.with_suffix(".ecsv"), stem.with_suffix(".fits")):
+    t = merge_parts(tables, [str(p) for p in args.input])
+    stem = catalog_stem(args.out)
+    for path in (Path(f"{stem}.ecsv"), Path(f"{stem}.fits")):
         catalogs.write_table_atomic(t, path)
     inl = inliers_from_table(t, t.meta["format"])
     if inl is not None:
@@ -1233,19 +1291,20 @@ def cmd_merge(args):
 def inliers_from_table(t, fmt):
     """Table 1 from a result table's own columns (catalog_inliers), or None without references."""
     p = catalogs.RESULT_PARAMS
-    summ = {"quantiles": np.stack([np.stack([np.asarray(t[f"{q}_q{lev}"], float) for q in p], -1)
-                                   for lev in (16, 50, 84)], 1),
-            "modes": np.stack([np.stack([np.asarray(t[f"{q}_{m}"], float) for q in p], -1)
-                               for m in ("map", "mode2", "mode3")], 1)}
-    col = lambda name: np.stack([np.asarray(t[name.format(q)], float) for q in cols], -1)
+    summ = {"quantiles": np.stack([_stacked(t, f"{{}}_q{lev}", p) for lev in (16, 50, 84)], 1),
+            "modes": np.stack([_stacked(t, f"{{}}_{m}", p) for m in ("map", "mode2", "mode3")], 1)}
     mle = cat = None
     if f"mle_{p[0]}" in t.colnames:
-        cols = p
-        mle = {"theta": col("mle_{}"), "lo": col("mle_{}_lo"), "hi": col("mle_{}_hi")}
-    if "cat_log10_age_myr" in t.colnames:
-        cols = ("log10_age_myr", "log10_mstar", "ebv")
-        cat = (col("cat_{}"), col("cat_{}_lo"), col("cat_{}_hi"))
+        mle = {"theta": _stacked(t, "mle_{}", p), "lo": _stacked(t, "mle_{}_lo", p), "hi": _stacked(t, "mle_{}_hi", p)}
+    cat_params = ("log10_age_myr", "log10_mstar", "ebv")
+    if "cat_log10_age_myr" in t.colnames and np.isfinite(_stacked(t, "cat_{}", cat_params)[:, 0]).any():
+        cat = tuple(_stacked(t, f"cat_{{}}{s}", cat_params) for s in ("", "_lo", "_hi"))
     return catalog_inliers(summ, mle, cat, fmt) if mle is not None or cat is not None else None
+
+
+def _stacked(t, pattern, params):
+    """The columns pattern.format(q) of t for q in params as one (N, len(params)) array; masked values NaN."""
+    return np.stack([np.ma.filled(np.ma.asarray(t[pattern.format(q)], float), np.nan) for q in params], -1)
 
 
 def _catalog_figures(stem, examples, res):
@@ -1380,7 +1439,7 @@ def build_parser():
 def check_args(args):
     """The numbers and the output path of a subcommand, checked before any work (checks.py)."""
     if args.command == "merge":
-        checks.output_path(Path(args.out).with_suffix(".ecsv"))
+        checks.output_path(f"{catalog_stem(args.out)}.ecsv")
         return
     checks.seed(args.seed)
     checks.count("--workers", getattr(args, "workers", None))
@@ -1391,8 +1450,7 @@ def check_args(args):
     if args.command == "modes":
         checks.output_path(args.out, (".npz",))
     elif args.command == "catalog":
-        out = Path(args.out)
-        checks.output_path(out if out.suffix else out.with_suffix(".ecsv"))
+        checks.output_path(f"{catalog_stem(args.out)}.ecsv")
     else:
         checks.output_dir(args.out)
 

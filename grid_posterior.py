@@ -50,6 +50,7 @@ sample_posterior, log_likelihood, log_density, log_map_density, posterior_summar
 the command line main().
 """
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -1290,6 +1291,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.samples < 1 or args.seed < 0 or (args.first is not None and args.first < 1):
         ap.error("--samples and --first must be >= 1, --seed >= 0")
+    if not args.resolution > 0:
+        ap.error("--resolution must be > 0")
     return args
 
 
@@ -1300,14 +1303,14 @@ def main(argv=None):
         obs = load_npz(args.obs)
         n = checks.observations(obs, args.obs, keys=("flux_mjy", "rel_err", "distance_mpc"))
         checks.output_path(args.out, (".npz",))
+        n = n if args.first is None else min(args.first, n)
+        table = _load_table_file(args.table) if args.table else None
+        plot_rows = [int(i) for i in args.plot.split(",") if i.strip()] if re.fullmatch(r"[\d,\s]*", args.plot) else [-1]
+        if any(i < 0 or i >= n for i in plot_rows):
+            raise ValueError(f"--plot indices must be in 0..{n - 1}")
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"grid_posterior.py: error: {err}") from None
-    n = n if args.first is None else min(args.first, n)
     f, r, d = (np.asarray(obs[k][:n], dtype=np.float64) for k in ("flux_mjy", "rel_err", "distance_mpc"))
-    table = _load_table_file(args.table) if args.table else None
-    plot_rows = [int(i) for i in args.plot.split(",") if i.strip()]
-    if any(i < 0 or i >= n for i in plot_rows):
-        raise SystemExit(f"grid_posterior.py: --plot indices must be in 0..{n - 1}")
     res = posterior_summaries(f, r, d, args.samples, np.random.default_rng(args.seed), keep=plot_rows, table=table,
                               likelihood=args.likelihood, resolution=args.resolution)
     for i, msg in res["errors"].items():

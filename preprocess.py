@@ -274,15 +274,21 @@ def preprocess(sim, n_val, n_test, seed):
 
 
 def check_simulation(sim, path):
-    """A simulation file's keys agree on the number of clusters; ages, masses, E(B-V) and fluxes are valid."""
-    n = {k: len(np.asarray(sim[k])) for k in SIM_KEYS}
-    if len(set(n.values())) > 1 or np.shape(sim["flux_10pc_mjy"])[1:] != (len(BANDS),):
-        raise checks.InputError(f"{path}: keys disagree on the number of clusters or bands: "
-                                f"{ {k: np.shape(sim[k]) for k in SIM_KEYS} }")
-    bad = ~np.all(np.isfinite(sim["flux_10pc_mjy"]) & (sim["flux_10pc_mjy"] > 0), axis=1)
-    bad |= ~np.isfinite(sim["log10_mass"]) | ~np.isfinite(sim["ebv"]) | (np.asarray(sim["age_myr"]) < 1)
+    """A simulation file's keys are arrays that agree on the number of clusters; every cluster has fluxes > 0,
+    an age on the grid (1 ... AGE_MAX_MYR Myr, whole Myr), a mass and E(B-V) inside the prior box."""
+    shapes = {k: np.shape(sim[k]) for k in SIM_KEYS}
+    if any(len(v) == 0 for v in shapes.values()) or len({v[0] for v in shapes.values()}) > 1 \
+            or shapes["flux_10pc_mjy"][1:] != (len(BANDS),):
+        raise checks.InputError(f"{path}: keys disagree on the number of clusters or bands: {shapes}")
+    age, mass, ebv = (np.asarray(sim[k], float) for k in ("age_myr", "log10_mass", "ebv"))
+    with np.errstate(invalid="ignore"):
+        bad = ~np.all(np.isfinite(sim["flux_10pc_mjy"]) & (sim["flux_10pc_mjy"] > 0), axis=1)
+        bad |= ~((age >= 1) & (age <= AGE_MAX_MYR) & (age == np.round(age)))
+        bad |= ~((mass >= LOG_MASS_RANGE[0]) & (mass <= LOG_MASS_RANGE[1]))
+        bad |= ~((ebv >= EBV_RANGE[0]) & (ebv <= EBV_RANGE[1]))
     if bad.any():
-        raise checks.InputError(f"{path}: invalid clusters (fluxes <= 0 or not finite, ages < 1 Myr) in rows "
+        raise checks.InputError(f"{path}: invalid clusters (fluxes <= 0 or not finite, ages not whole Myr in 1-"
+                                f"{AGE_MAX_MYR}, mass or E(B-V) outside the prior) in rows "
                                 f"{np.flatnonzero(bad)[:5].tolist()} ({bad.sum()} in all)")
 
 

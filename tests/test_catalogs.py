@@ -300,7 +300,7 @@ def test_legus_sentinels_and_classes(tmp_path):
 @pytest.mark.parametrize("bad,match", [
     ("1 2 3\n", "line 2 has 3 columns"),
     (None, "line 2 has 32 columns"),  # a row with four bands only
-    ("x" * 5 + " 1" * 40 + "\n", "line 2: non-numeric"),
+    ("x" * 5 + " 1" * 35 + "\n", "line 2: non-numeric"),
 ])
 def test_legus_malformed_rows(tmp_path, bad, match):
     if bad is None:
@@ -367,6 +367,31 @@ def test_legus_layouts_are_read_right_or_refused(tmp_path):
     assert obs["id"].tolist() == kept.tolist()
     with pytest.raises(ValueError, match="no LEGUS layout fits"):
         catalogs.read_legus(legus_file(tmp_path, [" ".join(["3.5"] * 36) + "\n"] * 3), 10.0)
+    with pytest.raises(ValueError, match="not both"):
+        catalogs.read_legus(legus_file(tmp_path, amb), 10.0, readme=readme, columns="class=37")
+
+
+def test_legus_maps_that_miss_the_estimates_ragged_rows_and_acs_files_are_refused(tmp_path):
+    """A column map for the shifted layout that names everything but the SED-fit estimates would read them
+    from the unshifted columns: refused by their values; rows of different widths, a non-integer id and an
+    ACS catalogue (bands the values cannot tell apart) without a readme are refused too."""
+    lines, _ = layout_rows(shift=2)
+    std = catalogs.legus_standard_layout(2)
+    spec = ",".join(f"{k}={v + 1}" for k, v in std.items() if k not in catalogs.LEGUS_ESTIMATES)
+    with pytest.raises(ValueError, match="age .*column 17"):
+        catalogs.read_legus(legus_file(tmp_path, lines), 10.0, columns=spec)
+    obs, _, _ = catalogs.read_legus(legus_file(tmp_path, lines), 10.0,
+                                    columns=",".join(f"{k}={v + 1}" for k, v in std.items()))
+    assert len(obs["id"]) > 0
+    with pytest.raises(ValueError, match="line 2 has 37 columns, the first row 36"):
+        catalogs.read_legus(legus_file(tmp_path, [legus_row(1), legus_row(2, ncol=37)]), 10.0)
+    row = legus_row(2).split()
+    row[0] = "2.5"
+    with pytest.raises(ValueError, match="row 2: the source id 2.5 is not an integer"):
+        catalogs.read_legus(legus_file(tmp_path, [legus_row(1), " ".join(row) + "\n"]), 10.0)
+    acs = legus_file(tmp_path, [legus_row(1)], name="hlsp_legus_hst_acs-wfc3_ngc9999_multiband_v1.tab")
+    with pytest.raises(ValueError, match="ACS catalogue"):
+        catalogs.read_legus(acs, 10.0)
 
 
 @HYP

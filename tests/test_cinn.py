@@ -387,3 +387,26 @@ def test_cube_flow_keeps_a_finite_density_at_the_prior_bounds():
             assert len(pts) > 0
     at_bound = np.array([[np.log10(100.0), lo[1], 0.3], [np.log10(100.0), 5.0, hi[2]]])
     assert np.all(np.isfinite(model.log_prob(at_bound, np.repeat(x, 2, 0))))
+
+
+def test_draw_u_split_into_batches_equals_one_batch_for_several_clusters():
+    """Very many draws per cluster are pushed through the flow in pieces; the pieces give the draws of one
+    piece, for several clusters at once."""
+    model = random_model(23)
+    with torch.no_grad():
+        c = model.condition(torch.as_tensor(random_x(np.random.default_rng(23), 3)))
+        one = model.draw_u(c, 50, torch.Generator().manual_seed(1))
+        split = model.draw_u(c, 50, torch.Generator().manual_seed(1), batch_rows=16)
+    assert one.shape == split.shape == (150, 3)
+    np.testing.assert_allclose(split, one, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", ["gaussian", "uniform"])
+def test_cube_flow_in_float32_samples_finite_values(base):
+    """float32 Phi reaches 1 at u ~ 5.4 and a uniform draw can be 0: the inverse stays finite all the same."""
+    model = random_model(24, dtype=torch.float32, **SPLINE, domain="cube", base=base)
+    c = model.condition(torch.as_tensor(random_x(np.random.default_rng(24), 1), dtype=torch.float32))
+    z = torch.tensor([[9.0, -9.0, 0.0], [0.0, 0.0, 0.0]]) if base == "gaussian" else torch.tensor(
+        [[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]])
+    with torch.no_grad():
+        assert torch.all(torch.isfinite(model.to_params(z, c=c.expand(2, -1))))

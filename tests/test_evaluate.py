@@ -501,8 +501,21 @@ def test_parts_of_a_catalogue_run_merge_into_the_whole_run_and_a_run_resumes_fro
     for col in ("id", "log10_age_myr_map", "log10_mass_q16", "ebv_q84", "log10_mstar_q50"):
         np.testing.assert_array_equal(merged[col], whole[col])
     assert (tmp_path / "merged_inliers.ecsv").exists()
+    parts = [Table.read(tmp_path / f"part{k}.ecsv") for k in (1, 2, 3)]
     with pytest.raises(ValueError, match="need each of"):
-        ev.merge_parts([Table.read(tmp_path / "part1.ecsv"), Table.read(tmp_path / "part2.ecsv")])
+        ev.merge_parts(parts[:2])
+    parts[1].meta["rows"] = [20, 35]                            # a row range that leaves a gap
+    with pytest.raises(ValueError, match="do not cover"):
+        ev.merge_parts(parts)
+    parts[1].meta["rows"], parts[2].meta["seed"] = [20, 40], 5  # a part of another run
+    with pytest.raises(ValueError, match="seed differ"):
+        ev.merge_parts(parts)
+    with pytest.raises(ValueError, match=r"\.ecsv tables"):
+        ev.main(["merge", "--input", str(tmp_path / "part1.fits"), "--out", str(tmp_path / "m.ecsv")])
+    other = ev.main(base + ["--out", str(tmp_path / "p3.chunk20.ecsv"), "--part", "2/2", "--chunk", "20"])
+    assert other.meta["rows"] == [20, 50] and (tmp_path / "p3.chunk20.fits").exists()   # a dot in --out kept
+    with pytest.raises(ValueError, match="chunk"):
+        ev.merge_parts([Table.read(tmp_path / "part1.ecsv"), other])
     obs = catalogs.read_many([tmp_path / "syn.fits"], "phangs", 10.0)[0]
     model = cinn.load(tmp_path)
     stash = tmp_path / "resumed_chunks"
@@ -517,3 +530,10 @@ def test_parts_of_a_catalogue_run_merge_into_the_whole_run_and_a_run_resumes_fro
     two = ev.catalog_posteriors(str(tmp_path), obs["x"], 200, 0, obs, chunk=10, workers=2)
     one = ev.catalog_posteriors(model, obs["x"], 200, 0, obs, chunk=10)
     np.testing.assert_allclose(two["summ"]["quantiles"], one["summ"]["quantiles"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_part_must_hold_rows_and_stems_keep_their_dots():
+    assert ev.part_rows(300, "2/2", chunk=256) == slice(256, 300)
+    with pytest.raises(ValueError, match="fewer than 3 parts"):
+        ev.part_rows(300, "1/3", chunk=256)
+    assert ev.catalog_stem("cat.part1") == "cat.part1" and ev.catalog_stem("a/b.ECSV") == "a/b"

@@ -148,6 +148,20 @@ def test_cli_writes_three_files(tmp_path):
     assert test["x"].shape == (400, 11)
 
 
+@pytest.mark.parametrize("key, value", [("age_myr", np.nan), ("age_myr", 2.5), ("age_myr", 13751),
+                                        ("log10_mass", 8.5), ("ebv", -0.1), ("flux_10pc_mjy", 0.0)])
+def test_check_simulation_names_the_rows_off_the_grid_or_outside_the_prior(key, value):
+    sim = {k: np.asarray(v, float) for k, v in fake_sim(50, np.random.default_rng(7)).items()}
+    sim[key][7] = value
+    with pytest.raises(ValueError, match=r"rows \[7\] \(1 in all\)"):
+        pp.check_simulation(sim, "sim.npz")
+    sim = fake_sim(50, np.random.default_rng(7))
+    pp.check_simulation(sim, "sim.npz")                      # the valid file passes
+    sim["ebv"] = sim["ebv"][:49]
+    with pytest.raises(ValueError, match="disagree"):
+        pp.check_simulation(sim, "sim.npz")
+
+
 
 
 def test_paper_data_steps_import_neither_the_refinements_nor_the_exact_posterior():

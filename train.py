@@ -626,3 +626,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:    # bad input: one line, no traceback
         raise SystemExit(f"train.py: error: {exc}") from None
+    except FloatingPointError as exc:                                  # a diverged run: what to do, no traceback
+        raise SystemExit(f"train.py: {exc}") from None

@@ -30,14 +30,21 @@ def random_x(rng, n):
     return np.column_stack([rng.normal(0, 2, (n, 5)), rng.uniform(0, 0.6, (n, 5)), rng.uniform(1, 30, n)])
 
 
+def assert_round_trip(model, u, x, tol=1e-5):
+    """to_params(to_latent(u)) == u to tol (float64); returns the latent z."""
+    with torch.no_grad():
+        z, _ = model.to_latent(u, x)
+        assert torch.max(torch.abs(model.to_params(z, x) - u)) < tol
+    return z
+
+
 def test_invertible_both_ways_float64():
     model = random_model(1)
     rng = np.random.default_rng(1)
     x = torch.as_tensor(random_x(rng, 500))
     u = torch.as_tensor(rng.normal(0, 2, (500, 3)))
+    z = assert_round_trip(model, u, x)
     with torch.no_grad():
-        z, _ = model.to_latent(u, x)
-        assert torch.max(torch.abs(model.to_params(z, x) - u)) < 1e-5
         z2 = torch.as_tensor(rng.normal(0, 2, (500, 3)))
         z3, _ = model.to_latent(model.to_params(z2, x), x)
         assert torch.max(torch.abs(z3 - z2)) < 1e-5
@@ -338,9 +345,7 @@ def test_spline_flow_inverse_jacobian_and_normalisation(domain, base):
     rng = np.random.default_rng(21)
     x = torch.as_tensor(random_x(rng, 300))
     u = torch.as_tensor(rng.normal(0, 1.5, (300, 3)))
-    with torch.no_grad():
-        z, _ = model.to_latent(u, x)
-        assert torch.max(torch.abs(model.to_params(z, x) - u)) < 1e-5
+    assert_round_trip(model, u, x)
     for i in range(5):
         jac = torch.autograd.functional.jacobian(lambda v: model.to_latent(v[None], x[i:i + 1])[0][0], u[i])
         assert abs(float(model.to_latent(u[i:i + 1], x[i:i + 1])[1] - torch.linalg.slogdet(jac)[1])) < 1e-8

@@ -85,9 +85,8 @@ def test_public_functions_have_docstrings():
 
 def test_no_text_dates_itself_by_rounds_of_work():
     import re
-    pattern = re.compile(r"\bsessions?\b|\b(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|"
-                         r"eleventh|twelfth|thirteenth) (session|round)\b")
+    word = "ses" + "sion"               # spelt in two pieces so that this file passes its own check
+    pattern = re.compile(rf"\b{word}s?\b|\b(first|second|third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|"
+                         rf"eleventh|twelfth|thirteenth) ({word}|round)\b")
     for path in [*ROOT.glob("*.py"), *ROOT.glob("*.md"), *(ROOT / "benchmarks").glob("*"), *(ROOT / "tests").glob("*.py")]:
-        if path.name == "test_layout.py":
-            continue
         assert not pattern.search(Path(path).read_text().lower()), path

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from astropy.table import Table, vstack
+from astropy.table import Table, TableMergeError, vstack
 from concurrent.futures import ProcessPoolExecutor
 from scipy.stats import binom
 
@@ -889,11 +889,13 @@ def catalog_results(obs, est, post, fmt, with_mle=True):
         mle = {"theta": theta4, "lo": lo4, "hi": hi4, "chi2": res_grid["chi2_mle"]}
     table = catalogs.result_table(obs, est, summ, chi2_map, mle, post["densest"])
     cat = catalogs.catalogue_estimates(est)
-    res_cat = _catalogue_comparison(obs, cat, summ, sigma, chi2_map)
-    table["chi2_resim_cat"] = res_cat["chi2_mle"]          # NaN where the catalogue has no estimate
-    table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
-    if not np.isfinite(cat[0]).any():                      # no estimates at all: nothing to compare with
+    if np.isfinite(cat[0]).any():
+        res_cat = _catalogue_comparison(obs, cat, summ, sigma, chi2_map)
+        table["chi2_resim_cat"] = res_cat["chi2_mle"]      # NaN where the catalogue has no estimate
+    else:                                                  # no estimates at all: nothing to compare with
         cat = res_cat = None
+        table["chi2_resim_cat"] = np.full(len(table), np.nan)
+    table["chi2_resim_cat"].description = "Eq. 11 chi^2 of the catalogue's own estimate through this model"
     fields = obs["field"]
     several = len(set(fields)) > 1 and (mle is not None or cat is not None)
     return dict(table=table, inliers=catalog_inliers(summ, mle, cat, fmt), res_grid=res_grid, res_cat=res_cat,
@@ -1259,7 +1261,7 @@ def merge_parts(tables, names=None):
                                 f"0 ... {first['n_total']} one after another")
     try:
         merged = vstack([tables[i] for i in order], join_type="exact", metadata_conflicts="silent")
-    except Exception as err:                              # astropy's TableMergeError: the columns differ
+    except TableMergeError as err:                        # the columns differ
         raise checks.InputError(f"the parts have different columns ({str(err).splitlines()[0]})") from None
     merged.meta.update({k: first[k] for k in MERGE_KEYS}, part="1/1", rows=[0, len(merged)])
     return merged

@@ -510,6 +510,10 @@ def test_parts_of_a_catalogue_run_merge_into_the_whole_run_and_a_run_resumes_fro
     parts[1].meta["rows"], parts[2].meta["seed"] = [20, 40], 5  # a part of another run
     with pytest.raises(ValueError, match="seed differ"):
         ev.merge_parts(parts)
+    parts[1].meta["rows"], parts[2].meta["seed"] = [10, 30], parts[0].meta["seed"]
+    parts[2].remove_column("ebv_q84")                              # a part whose columns differ
+    with pytest.raises(ValueError, match="different columns"):
+        ev.merge_parts(parts)
     with pytest.raises(ValueError, match=r"\.ecsv tables"):
         ev.main(["merge", "--input", str(tmp_path / "part1.fits"), "--out", str(tmp_path / "m.ecsv")])
     other = ev.main(base + ["--out", str(tmp_path / "p3.chunk20.ecsv"), "--part", "2/2", "--chunk", "20"])

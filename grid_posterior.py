@@ -58,7 +58,8 @@ from pathlib import Path
 import numpy as np
 
 import checks
-from simulate import BANDS, LOG_MASS_RANGE, PC10_IN_MPC, age_bin, load_npz, load_table, log_prior_age, save_npz
+from simulate import (BANDS, LOG_MASS_RANGE, PC10_IN_MPC, age_bin, load_npz, load_table, log_prior_age, rv_nodes,
+                      save_npz)
 
 LN10 = np.log(10.0)
 LIKELIHOODS = ("exact", "no_sigma_factor", "no_2_over_f", "gaussian", "naive_lognormal")
@@ -969,6 +970,9 @@ def _age_cdf_grid(post):
 def marginal_cdf(post, param, value):
     """1-D marginal CDF of parameter 0 (log10 t'), 1 (log10 m) or 2 (E(B-V)) at value(s)."""
     value = np.asarray(value, dtype=np.float64)
+    if "components" in post:                              # R_V marginalised: the node mixture's CDF
+        return sum(np.exp(lw) * marginal_cdf(c, param, value) for c, lw in zip(post["components"], post["log_weight"])
+                   if np.isfinite(lw))
     if param == 0:
         edges, cdf = _age_cdf_grid(post)
         return np.interp(10.0 ** value, edges, cdf)
@@ -981,7 +985,12 @@ def posterior_quantiles(post, qs=QUANTILES):
     qs = np.asarray(qs, dtype=np.float64)
     edges, cdf = _age_cdf_grid(post)
     out = [np.log10(np.interp(qs, cdf, edges))]
-    for x, c in ((post["mass_grid"], post["mass_cdf"]), (post["ebv_grid"], post["ebv_cdf"])):
+    for p, (x, c) in ((1, ("mass_grid", "mass_cdf")), (2, ("ebv_grid", "ebv_cdf"))):
+        if "components" in post:                          # the mixture's CDF on the union of the grids
+            x = np.unique(np.concatenate([comp[x] for comp in post["components"] if x in comp]))
+            c = marginal_cdf(post, p, x)
+        else:
+            x, c = post[x], post[c]
         out.append(np.interp(qs, c, x))
     return np.stack(out)
 
@@ -1017,6 +1026,8 @@ def sample_posterior(post, n, rng, max_tries=100):
     cell's shape is truncated to where the likelihood is non-zero (the cell keeps its probability). The cell
     centre is always inside, so this ends; a draw still outside after max_tries rounds takes the centre.
     """
+    if "components" in post:                              # R_V marginalised (exact_posterior_rv)
+        return _sample_rv(post, n, rng, max_tries)
     cdf = np.cumsum(post["prob"])
     i = np.minimum(np.searchsorted(cdf, rng.uniform(0.0, cdf[-1], n), side="right"), len(cdf) - 1)
     theta = _draw_in_cells(post, i, rng.uniform(-0.5, 0.5, (n, 5)))
@@ -1033,11 +1044,9 @@ def sample_posterior(post, n, rng, max_tries=100):
     return theta
 
 
-def log_likelihood(theta, flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact"):
-    """Sum over bands of l(y) at theta (..., 3) = (log10 t', log10 m, E(B-V)) for one cluster; age bin =
-    round(t'); ln F interpolated linearly in E(B-V) as simulate.model_flux. -inf outside the prior."""
-    prep = _table(table)
-    theta = np.asarray(theta, dtype=np.float64)
+def _ln_flux_at(prep, theta):
+    """ln F (..., 5) of a prepared table at theta (..., 3), age bin round(t'), linear in E(B-V) (as
+    simulate.model_flux); the prior mask, the age bins k and t'."""
     t = 10.0 ** theta[..., 0]
     k = age_bin(theta[..., 0])
     e = prep["e"]
@@ -1047,7 +1056,15 @@ def log_likelihood(theta, flux_mjy, rel_err, distance_mpc, table=None, likelihoo
     ec = np.clip(theta[..., 2], e[0], e[-1])
     j = np.clip(np.searchsorted(e, ec, side="right") - 1, 0, len(e) - 2)
     w = ((ec - e[j]) / prep["de"][j])[..., None]
-    lnF = prep["A"][kc - 1, j] * (1.0 - w) + prep["A"][kc - 1, j + 1] * w
+    return prep["A"][kc - 1, j] * (1.0 - w) + prep["A"][kc - 1, j + 1] * w, ok, kc, t
+
+
+def log_likelihood(theta, flux_mjy, rel_err, distance_mpc, table=None, likelihood="exact"):
+    """Sum over bands of l(y) at theta (..., 3) = (log10 t', log10 m, E(B-V)) for one cluster; age bin =
+    round(t'); ln F interpolated linearly in E(B-V) as simulate.model_flux. -inf outside the prior."""
+    prep = _table(table)
+    theta = np.asarray(theta, dtype=np.float64)
+    lnF, ok, kc, t = _ln_flux_at(prep, theta)
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     y = lnF + theta[..., 1:2] * LN10 + _row_offsets(prep, f, d)
     L = band_loglike(y, r, likelihood).sum(axis=-1)
@@ -1076,13 +1093,183 @@ def log_density(theta, flux_mjy, rel_err, distance_mpc, posts=None, table=None, 
         raise ValueError(f"theta {theta.shape} must be (N, 3) or (N, M, 3) for N = {len(f)} clusters")
     if posts is None:
         posts = exact_posterior(f, r, d, table=table, likelihood=likelihood)
-    prep = _table(table)
-    width = (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]) * (prep["e"][-1] - prep["e"][0])
     out = np.empty(theta.shape[:-1])
     for i in range(len(f)):
-        L, k, t = log_likelihood(theta[i], f[i], r[i], d[i], table, likelihood)
-        out[i] = prep["log_prior_age"][k - 1] - np.log(width) + L + np.log(t * LN10) - posts[i]["log_z"]
+        out[i] = _log_density_one(theta[i], f[i], r[i], d[i], posts[i], table, likelihood)
     return out
+
+
+def _log_density_one(theta, f, r, d, post, table, likelihood):
+    """log_density of one cluster; with R_V marginalised, the mixture's: log sum_k pi_k p(theta | x, R_k)."""
+    if "components" in post:
+        table = post["tables"][0]
+        L, _, ok = _rv_loglike(theta, post)
+        k, t = np.clip(age_bin(theta[..., 0]), 1, None), 10.0 ** theta[..., 0]
+    else:
+        L, k, t = log_likelihood(theta, f, r, d, table, likelihood)
+        ok = True
+    prep = _table(table)
+    width = (LOG_MASS_RANGE[1] - LOG_MASS_RANGE[0]) * (prep["e"][-1] - prep["e"][0])
+    k = np.minimum(k, prep["A"].shape[0])
+    return np.where(ok, prep["log_prior_age"][k - 1] - np.log(width) + L + np.log(t * LN10) - post["log_z"], -np.inf)
+
+
+def _logsumexp_rows(a):
+    """log sum exp over axis 0 of (K, ...) values that may be -inf."""
+    top = np.max(a, axis=0)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.sum(np.exp(a - safe), axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# R_V marginalised (the nuisance parameter of Walter et al. 2026 Sect. 1): a mixture over quadrature nodes.
+
+RV_SUBSTEPS = 32      # the R_V integral at a point theta: midpoint steps per node interval (RV_STEP / 32)
+RV_POOL = 10          # sample_posterior with R_V marginalised: proposals per draw
+
+
+RV_PROPOSAL_EVERY = 3  # exact posteriors at every 3rd R_V node (0.3 apart) and at the prior's upper end
+
+
+def _trapezoid_log_weights(x):
+    """log weights of the trapezoid rule on sorted nodes x, normalised to sum 1 (one node: weight 1)."""
+    if len(x) == 1:
+        return np.zeros(1)
+    w = np.zeros(len(x))
+    w[:-1] += np.diff(x) / 2.0
+    w[1:] += np.diff(x) / 2.0
+    return np.log(w / w.sum())
+
+
+def rv_quadrature(rv_prior, every=RV_PROPOSAL_EVERY):
+    """The variable-R_V model's table nodes (simulate.rv_nodes) in the prior [lo, hi], whose bounds must be
+    nodes, and the proposal nodes among them (every `every`-th from lo, and hi) with the log weights of
+    E_{R_V ~ U[lo, hi]}[g] ~ sum_k w_k g(R_k) (the trapezoid rule). Returns (nodes, proposal index, log w)."""
+    lo, hi = (float(v) for v in rv_prior)
+    nodes = rv_nodes()
+    sel = (nodes >= lo - 1e-9) & (nodes <= hi + 1e-9)
+    if not sel.any() or abs(nodes[sel][0] - lo) > 1e-9 or abs(nodes[sel][-1] - hi) > 1e-9:
+        raise ValueError(f"R_V prior {rv_prior}: its bounds must be R_V nodes ({nodes[0]}, {nodes[1]}, ..., "
+                         f"{nodes[-1]})")
+    nodes = nodes[sel]
+    idx = np.unique(np.r_[np.arange(0, len(nodes), every), len(nodes) - 1])
+    return nodes, idx, _trapezoid_log_weights(nodes[idx])
+
+
+def _rv_loglike(theta, post):
+    """log int L(theta, R_V) p(R_V) dR_V at points theta (..., 3), the simulator's model: ln F linear in R_V
+    between the nodes, so y_b = ln f_b - ln f*_b is linear in R_V too. Each node interval is cut in
+    RV_SUBSTEPS steps; a step counts by the midpoint rule on its part inside the support (y_b >= ln 2 r*_b for
+    every band, an interval since y_b is linear: the support edge is a jump the plain rule would blur).
+    Returns it, the same integral on the nodes alone (the node mixture's: their weights, their L) and the
+    prior mask."""
+    f, r, d = post["obs"]
+    lnF = []
+    for table in post["tables"]:                     # a gather only: no _table() preparation (83 MB each)
+        e = np.asarray(table["ebv_nodes"], dtype=np.float64)
+        a, ok, _, _ = _ln_flux_at({"A": table["ln_flux"], "e": e, "de": np.diff(e)}, theta)
+        lnF.append(a)
+    y = np.stack(lnF) + theta[..., 1:2] * LN10 + _row_offsets(None, f, d)
+    shape = (-1,) + (1,) * theta.ndim                                      # (n_nodes, ..., 5) broadcasting
+    nodes = band_loglike(y[post["proposal"]], r, post["likelihood"]).sum(axis=-1) \
+        + post["node_log_weight"].reshape(shape[:-1])
+    s = np.arange(RV_SUBSTEPS + 1).reshape(shape) / RV_SUBSTEPS
+    edges = (y[:-1, None] * (1.0 - s) + y[1:, None] * s)                  # (n_int, S + 1, ..., 5)
+    y0, y1 = edges[:, :-1], edges[:, 1:]
+    lo, hi = np.zeros(y0.shape[:-1]), np.ones(y0.shape[:-1])
+    if post["likelihood"] in ("exact", "gaussian", "no_2_over_f"):        # the support edge sigma = f/2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (np.log(2.0 * r) - y0) / (y1 - y0)                        # where y_b crosses ln 2 r*_b
+        up, down = y1 > y0, y1 < y0
+        lo = np.maximum(lo, np.max(np.where(up, t, np.where(y0 >= np.log(2.0 * r), 0.0, 2.0)), axis=-1))
+        hi = np.minimum(hi, np.min(np.where(down, t, np.inf), axis=-1))
+    frac = np.clip(hi - lo, 0.0, 1.0)
+    tm = ((lo + hi) / 2.0)[..., None]
+    L = band_loglike(y0 + tm * (y1 - y0), r, post["likelihood"]).sum(axis=-1)
+    with np.errstate(divide="ignore"):
+        L = np.where(frac > 0, L + np.log(frac), -np.inf).reshape((-1,) + L.shape[2:])
+    return _logsumexp_rows(L) - np.log(len(L)), _logsumexp_rows(nodes), ok
+
+
+def _log_ratio(theta, post):
+    """log of the marginal's density over the node mixture's at theta: the fine R_V integral of the likelihood
+    over its node quadrature (the prior cancels), i.e. what the mixture misses between the nodes."""
+    fine, coarse, _ = _rv_loglike(theta, post)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(coarse), fine - coarse, -np.inf)
+
+
+def _mixture_draws(post, n, rng, max_tries=100):
+    """n draws of the node mixture sum_k pi_k p(theta | x, R_k) (the proposal of sample_posterior)."""
+    counts = rng.multinomial(n, np.exp(post["log_weight"]))
+    theta = np.concatenate([sample_posterior(c, int(m), rng, max_tries) for c, m in zip(post["components"], counts)
+                            if m > 0])
+    return theta[rng.permutation(n)]
+
+
+def _sample_rv(post, n, rng, max_tries=100):
+    """n draws of the R_V marginal: RV_POOL * n draws of the node mixture per unit of its effective share
+    (post["ess"], at least 0.1), importance-resampled by _log_ratio."""
+    pool = _mixture_draws(post, int(np.ceil(RV_POOL / max(post.get("ess", 1.0), 0.1))) * n, rng, max_tries)
+    lr = _log_ratio(pool, post)
+    p = np.exp(lr - lr.max())
+    return pool[rng.choice(len(pool), n, p=p / p.sum())]
+
+
+def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None, n_check=1000, seed=0,
+                       **kwargs):
+    """Exact posterior of one cluster with R_V ~ U[rv_prior] marginalised (Walter et al. 2026, Sect. 1):
+
+        p(theta | x) = p(theta) int L(theta, R_V) p(R_V) dR_V / Z,     Z = int Z(R_V) p(R_V) dR_V.
+
+    The density (log_density) takes the R_V integral at theta itself: on the variable-R_V model's table nodes
+    (RV_STEP apart; simulate.load_table(r_v) or table_at(r_v)), RV_SUBSTEPS steps per node interval
+    (_rv_loglike). Draws come from a proposal, the mixture sum_k pi_k p(theta | x, R_k) of exact_posterior at
+    every RV_PROPOSAL_EVERY-th node R_k (kwargs go to it), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the
+    evidences Z(R_k) and trapezoid weights w_k (rv_quadrature), importance-resampled by the ratio of the two
+    densities (_log_ratio; sample_posterior). The mixture alone is the R_V integral on its nodes: where the
+    photometry is precise, p(theta | x, R_V) moves by more than its width between two nodes (mostly in mass,
+    by 0.4 E(B-V) dA/dR_V), and the mixture is a comb that SBC's HPD rank test rejects. log Z is the
+    mixture's, times the mean ratio over n_check of its draws.
+
+    Returns a dict that marginal_cdf, posterior_quantiles, sample_posterior and log_density take like an
+    exact_posterior's: `components` (the proposal's node posteriors; where the likelihood has no support,
+    Z = 0), `log_weight` log pi_k, `rv` their nodes, `tables` and `proposal` (all nodes' tables, which are
+    the proposal's), `rv_mean` and `rv_sd` of p(R_V | x), `log_z`, `ess` (the
+    importance draws' effective share), `age_pmf`, `quantiles` (the node mixture's marginals) and `map` (the
+    component MAP of highest density).
+    """
+    all_nodes, idx, log_w = rv_quadrature(rv_prior)
+    table_at = table_at or (lambda v: load_table(r_v=v))
+    tables = [table_at(v) for v in all_nodes]
+    comps, keep = [], []
+    for i in idx:
+        try:
+            comps.append(exact_posterior(flux_mjy, rel_err, distance_mpc, table=tables[i], **kwargs))
+            keep.append(True)
+        except RuntimeError:           # no cell in the likelihood's support at this R_V (e.g. mass > 8 needed)
+            comps.append({"log_z": -np.inf})
+            keep.append(False)
+    if not any(keep):
+        raise RuntimeError(f"exact_posterior_rv: no R_V node of {rv_prior} has likelihood support")
+    keep = np.array(keep)
+    nodes = all_nodes[idx]
+    log_pi = log_w + np.array([c["log_z"] for c in comps])
+    log_z = _logsumexp(log_pi[keep])
+    pi = np.exp(log_pi - log_z)
+    f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
+    post = {"components": comps, "node_log_weight": log_w, "log_weight": log_pi - log_z, "rv": nodes,
+            "tables": tables, "proposal": idx, "obs": (f, r, d), "likelihood": kwargs.get("likelihood", "exact"),
+            "n_age": comps[keep.argmax()]["n_age"], "age_pmf": sum(p * c["age_pmf"] for p, c, k in zip(pi, comps, keep) if k),
+            "rv_mean": float(pi @ nodes), "rv_sd": float(np.sqrt(max(pi @ (nodes - pi @ nodes) ** 2, 0.0)))}
+    lr = _log_ratio(_mixture_draws(post, n_check, np.random.default_rng(seed)), post)
+    post["log_z"] = log_z + _logsumexp(lr) - np.log(n_check)
+    post["ess"] = float(np.exp(2 * _logsumexp(lr) - _logsumexp(2 * lr)) / n_check)
+    post["quantiles"] = posterior_quantiles(post)
+    maps = np.array([c["map"] for c, k in zip(comps, keep) if k])
+    post["map"] = maps[np.argmax(_log_density_one(maps, f, r, d, post, None, None))]
+    return post
 
 
 # ----------------------------------------------------------------------------------------------------------

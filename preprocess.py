@@ -31,7 +31,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 import checks
-from simulate import (AGE_MAX_MYR, BANDS, DISTANCE_RANGE_MPC, EBV_RANGE, LOG_MASS_RANGE, PC10_IN_MPC, R_MAX,
+from simulate import (AGE_MAX_MYR, BANDS, DISTANCE_RANGE_MPC, EBV_RANGE, LOG_MASS_RANGE, PC10_IN_MPC, R_MAX, RV_LIMITS,
                       SYS_ERR, load_npz, save_npz)
 
 THETA_NAMES = ("log10_age_myr", "log10_mass", "ebv")
@@ -269,6 +269,8 @@ def preprocess(sim, n_val, n_test, seed):
     out = {}
     for name, ii, ss in zip(("train", "val", "test"), idx, seeds[1:]):
         obs = observe({k: np.asarray(sim[k])[ii] for k in SIM_KEYS}, np.random.default_rng(ss))
+        if "rv" in sim:                                    # a variable R_V: each cluster's, and its prior
+            obs.update(rv=np.asarray(sim["rv"])[ii], rv_prior=np.asarray(sim["rv_prior"], dtype=float))
         out[name] = dict(obs, seed=np.int64(seed))
     return out
 
@@ -281,6 +283,7 @@ def check_simulation(sim, path):
             or shapes["flux_10pc_mjy"][1:] != (len(BANDS),):
         raise checks.InputError(f"{path}: keys disagree on the number of clusters or bands: {shapes}")
     age, mass, ebv = (np.asarray(sim[k], float) for k in ("age_myr", "log10_mass", "ebv"))
+    _check_rv(sim, path, shapes["age_myr"])
     with np.errstate(invalid="ignore"):
         bad = ~np.all(np.isfinite(sim["flux_10pc_mjy"]) & (sim["flux_10pc_mjy"] > 0), axis=1)
         bad |= ~((age >= 1) & (age <= AGE_MAX_MYR) & (age == np.round(age)))
@@ -290,6 +293,22 @@ def check_simulation(sim, path):
         raise checks.InputError(f"{path}: invalid clusters (fluxes <= 0 or not finite, ages not whole Myr in 1-"
                                 f"{AGE_MAX_MYR}, mass or E(B-V) outside the prior) in rows "
                                 f"{np.flatnonzero(bad)[:5].tolist()} ({bad.sum()} in all)")
+
+
+def _check_rv(sim, path, shape):
+    """A variable-R_V simulation has both rv (one per cluster, inside its prior) and rv_prior (inside RV_LIMITS)."""
+    if ("rv" in sim) != ("rv_prior" in sim):
+        raise checks.InputError(f"{path}: has one of rv and rv_prior without the other")
+    if "rv" not in sim:
+        return
+    prior = np.asarray(sim["rv_prior"], dtype=float)
+    if prior.shape != (2,) or not RV_LIMITS[0] <= prior[0] < prior[1] <= RV_LIMITS[1] or np.shape(sim["rv"]) != shape:
+        raise checks.InputError(f"{path}: rv {np.shape(sim['rv'])} or rv_prior {prior} is not one R_V per cluster "
+                                f"from a prior inside {RV_LIMITS}")
+    with np.errstate(invalid="ignore"):
+        bad = ~((sim["rv"] >= prior[0]) & (sim["rv"] <= prior[1]))
+    if bad.any():
+        raise checks.InputError(f"{path}: R_V outside its prior {prior} in rows {np.flatnonzero(bad)[:5].tolist()}")
 
 
 def main(argv=None):

@@ -43,7 +43,10 @@ R_MAX = 0.5                # noise level of the training data: r ~ U[0, R_MAX], 
 SYS_ERR = 0.05             # systematic relative error added to real photometry (Eq. 10)
 PC10_IN_MPC = 1e-5         # 10 pc, the distance of the model table's fluxes
 EBV_STEP = 0.01            # E(B-V) node spacing of the cached ln-flux table
-R_V = 3.1
+R_V = 3.1                  # the paper's fixed R_V (CIGALE's, PHANGS', LEGUS')
+RV_LIMITS = (2.2, 5.8)     # a variable R_V (issue: nuisance parameters) stays where the CCM89 law is used
+RV_STEP = 0.1              # R_V node spacing of the ln-flux tables of a variable R_V (ln F linear in between)
+RV_PRIOR_DEFAULT = (2.5, 5.0)      # `--rv-prior default`: R_V ~ U[2.5, 5.0] (README: why this range)
 C_ANGSTROM_PER_S = 2.99792458e18
 MJY_CGS = 1e-26            # 1 mJy in erg s^-1 cm^-2 Hz^-1
 TABLE_PATH = Path(__file__).resolve().parent / "data" / "bc03_wfc3_table.npz"
@@ -224,12 +227,12 @@ def load_source(path=TABLE_PATH):
     return _CACHE[key]
 
 
-def native_band_flux(ebv_nodes, path=TABLE_PATH):
+def native_band_flux(ebv_nodes, path=TABLE_PATH, r_v=R_V):
     """Band fluxes (n_native_age, n_ebv, 5) in mJy at 10 pc per Msun formed, at the native SSP ages."""
     src = load_source(path)
     wave = src["wave_A"]
     spec = src["f_nu_10pc"].astype(float) / MJY_CGS                            # (n_age, n_wave) mJy
-    atten = 10.0 ** (-0.4 * np.outer(ebv_nodes, dust_k(wave)))                # (n_ebv, n_wave)
+    atten = 10.0 ** (-0.4 * np.outer(ebv_nodes, dust_k(wave, r_v)))           # (n_ebv, n_wave)
     out = np.empty((spec.shape[0], len(ebv_nodes), len(BANDS)))
     for b in range(len(BANDS)):
         filt = src[f"filter_{BANDS[b]}"]
@@ -239,27 +242,62 @@ def native_band_flux(ebv_nodes, path=TABLE_PATH):
     return out
 
 
-def load_table(path=TABLE_PATH):
+def _build_table(path, r_v):
+    """ln flux (13750, n_e, 5) and M*/m0 (13750,) on CIGALE's 1 Myr age grid at one R_V (about 0.5 s)."""
+    src = load_source(path)
+    n_e = int(round((EBV_RANGE[1] - EBV_RANGE[0]) / EBV_STEP)) + 1
+    ebv_nodes = np.linspace(EBV_RANGE[0], EBV_RANGE[1], n_e)
+    w = age_bin_weights(src["age_yr"])
+    native = native_band_flux(ebv_nodes, path, r_v)
+    flux = (w @ native.reshape(native.shape[0], -1)).reshape(AGE_MAX_MYR, n_e, len(BANDS))
+    mstar = w @ src["mstar"].astype(float)
+    np.log(flux, out=flux)
+    for arr in (ebv_nodes, flux, mstar):
+        arr.flags.writeable = False                # shared cache: callers must not modify it
+    return {"ebv_nodes": ebv_nodes, "ln_flux": flux, "mstar_frac": mstar, "bands": np.array(BANDS),
+            "r_v": float(r_v)}
+
+
+def load_table(path=TABLE_PATH, r_v=R_V):
     """The cached model table (built on first call, about 0.5 s): dict with
 
     ebv_nodes (n_e,) 0..1.5 in steps of EBV_STEP; ln_flux (13750, n_e, 5) natural log of band flux in mJy
-    at 10 pc per 1 Msun formed, row k-1 = age k Myr; mstar_frac (13750,) M*/m0 at integer age k Myr.
+    at 10 pc per 1 Msun formed, row k-1 = age k Myr; mstar_frac (13750,) M*/m0 at integer age k Myr; r_v.
+    Each R_V's table stays cached (83 MB: 2.2 GB for the 26 nodes of the default R_V prior).
     """
-    key = ("table", str(path))
+    key = ("table", str(path), float(r_v))
     if key not in _CACHE:
-        src = load_source(path)
-        n_e = int(round((EBV_RANGE[1] - EBV_RANGE[0]) / EBV_STEP)) + 1
-        ebv_nodes = np.linspace(EBV_RANGE[0], EBV_RANGE[1], n_e)
-        w = age_bin_weights(src["age_yr"])
-        native = native_band_flux(ebv_nodes, path)
-        flux = (w @ native.reshape(native.shape[0], -1)).reshape(AGE_MAX_MYR, n_e, len(BANDS))
-        mstar = w @ src["mstar"].astype(float)
-        np.log(flux, out=flux)
-        for arr in (ebv_nodes, flux, mstar):
-            arr.flags.writeable = False                # shared cache: callers must not modify it
-        _CACHE[key] = {"ebv_nodes": ebv_nodes, "ln_flux": flux, "mstar_frac": mstar,
-                       "bands": np.array(BANDS)}
+        _CACHE[key] = _build_table(path, r_v)
     return _CACHE[key]
+
+
+def rv_nodes():
+    """The R_V nodes RV_LIMITS[0], + RV_STEP, ..., RV_LIMITS[1] of the variable-R_V tables (3.1 is one)."""
+    n = int(round((RV_LIMITS[1] - RV_LIMITS[0]) / RV_STEP)) + 1
+    return np.round(RV_LIMITS[0] + RV_STEP * np.arange(n), 10)
+
+
+def _rv_interval(r_v):
+    """Index j of the node interval [node_j, node_j+1] that holds r_v, and the weight of node j+1."""
+    nodes = rv_nodes()
+    pos = (np.asarray(r_v, dtype=float) - nodes[0]) / RV_STEP
+    pos = np.where(np.abs(pos - np.round(pos)) < 1e-9, np.round(pos), pos)     # a node is a node
+    j = np.clip(np.floor(pos).astype(np.int64), 0, len(nodes) - 2)
+    return j, pos - j
+
+
+def rv_table(r_v, path=TABLE_PATH):
+    """The model table at any R_V in RV_LIMITS: ln F linear in R_V between the two bracketing node tables
+    (the variable-R_V model of model_flux; at a node, that node's table). Not cached."""
+    r_v = float(_check_range("r_v", r_v, *RV_LIMITS))
+    j, w = _rv_interval(r_v)
+    lo, hi = (load_table(path, v) for v in rv_nodes()[[j, j + 1]])
+    if w == 0.0:
+        return lo
+    ln_flux = hi["ln_flux"] - lo["ln_flux"]
+    ln_flux *= w
+    ln_flux += lo["ln_flux"]
+    return dict(lo, ln_flux=ln_flux, r_v=r_v)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -288,15 +326,47 @@ def _check_range(name, value, lo, hi):
     return value
 
 
-def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None):
+def _ln_flux(tab, age, ebv):
+    """ln F (..., 5) of a table at integer ages and E(B-V) (checked, same shape): linear in E(B-V)."""
+    n_e = len(tab["ebv_nodes"])
+    pos = (ebv - EBV_RANGE[0]) / EBV_STEP
+    i0 = np.minimum(pos.astype(np.int64), n_e - 2)
+    w = (pos - i0)[..., None]
+    rows = tab["ln_flux"].reshape(-1, len(BANDS))
+    r0 = (age - 1) * n_e + i0
+    ln_f = np.take(rows, r0, axis=0)                    # ln F at the node below, (..., 5); take > fancy index
+    upper = np.take(rows, r0 + 1, axis=0)
+    upper -= ln_f                                       # in-place: ln F0 + w (ln F1 - ln F0)
+    upper *= w
+    ln_f += upper
+    return ln_f
+
+
+def _ln_flux_rv(age, ebv, r_v):
+    """ln F (..., 5) of the variable-R_V model: linear in R_V between the node tables (rv_table)."""
+    j, w = _rv_interval(r_v)
+    nodes = rv_nodes()
+    ln_f = np.empty(age.shape + (len(BANDS),))
+    for jj in np.unique(j):
+        sel = j == jj
+        lo = _ln_flux(load_table(r_v=nodes[jj]), age[sel], ebv[sel])
+        hi = _ln_flux(load_table(r_v=nodes[jj + 1]), age[sel], ebv[sel])
+        hi -= lo
+        hi *= w[sel][:, None]
+        ln_f[sel] = lo + hi
+    return ln_f
+
+
+def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None, r_v=None):
     """Noise-free band fluxes (..., 5) in mJy, band order BANDS; inputs broadcast against each other.
 
     flux = F(age, E(B-V)) * 10**log10_mass * (10 pc / distance_mpc)**2 with F per Msun formed at 10 pc
     (distance None = 10 pc). age_myr: integers 1..13750; E(B-V) in [0, 1.5], ln F interpolated linearly
     between the E(B-V) nodes of load_table(): off the nodes the relative error is < 2e-6, except F275W of
     old clusters at E(B-V) > 1 (red leak): up to 4.7e-5 (tests/test_simulate.py).
+    r_v: None for the paper's fixed R_V = 3.1; else R_V per cluster in RV_LIMITS, ln F linear in R_V between
+    the RV_STEP nodes (rv_table; off the nodes the relative error is < 4e-5, tests/test_simulate.py).
     """
-    tab = load_table()
     age = _check_ages(age_myr)
     ebv = _check_range("ebv", ebv, *EBV_RANGE)
     logm = np.asarray(log10_mass, dtype=float)
@@ -308,18 +378,13 @@ def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None):
         if not np.all(np.isfinite(d)) or np.any(d <= 0):
             raise ValueError("distance_mpc must be finite and > 0")
         scale = scale + 2.0 * np.log(PC10_IN_MPC / d)
-    age, ebv, scale = np.broadcast_arrays(age, ebv, scale)
-    n_e = len(tab["ebv_nodes"])
-    pos = (ebv - EBV_RANGE[0]) / EBV_STEP
-    i0 = np.minimum(pos.astype(np.int64), n_e - 2)
-    w = (pos - i0)[..., None]
-    rows = tab["ln_flux"].reshape(-1, len(BANDS))
-    r0 = (age - 1) * n_e + i0
-    ln_f = np.take(rows, r0, axis=0)                    # ln F at the node below, (..., 5); take > fancy index
-    upper = np.take(rows, r0 + 1, axis=0)
-    upper -= ln_f                                       # in-place: ln F0 + w (ln F1 - ln F0) + ln scale
-    upper *= w
-    ln_f += upper
+    if r_v is None:
+        age, ebv, scale = np.broadcast_arrays(age, ebv, scale)
+        ln_f = _ln_flux(load_table(), age, ebv)
+    else:
+        rv = _check_range("r_v", r_v, *RV_LIMITS)
+        age, ebv, scale, rv = (np.ascontiguousarray(a) for a in np.broadcast_arrays(age, ebv, scale, rv))
+        ln_f = _ln_flux_rv(age, ebv, rv)
     ln_f += scale[..., None]
     return np.exp(ln_f, out=ln_f)
 
@@ -369,29 +434,57 @@ def age_bin(log10_age):
     return np.clip(np.floor(t + 0.5), 1, AGE_MAX_MYR).astype(np.int64)
 
 
-def simulate(n, seed, chunk=1_000_000, progress=False):
+def parse_rv_prior(text):
+    """`--rv-prior`: "none" (the paper's fixed R_V = 3.1) -> None; "default" -> RV_PRIOR_DEFAULT;
+    "uniform:LO:HI" -> (LO, HI) inside RV_LIMITS. Else ValueError."""
+    if text in (None, "none"):
+        return None
+    if text == "default":
+        return RV_PRIOR_DEFAULT
+    parts = str(text).split(":")
+    try:
+        if parts[0] != "uniform" or len(parts) != 3:
+            raise ValueError
+        lo, hi = float(parts[1]), float(parts[2])
+    except ValueError:
+        raise ValueError(f"--rv-prior {text!r}: expected none, default or uniform:LO:HI") from None
+    if not RV_LIMITS[0] <= lo < hi <= RV_LIMITS[1]:
+        raise ValueError(f"--rv-prior {text!r}: need {RV_LIMITS[0]} <= LO < HI <= {RV_LIMITS[1]} "
+                         f"(the range the CCM89 law is used over)")
+    return lo, hi
+
+
+def simulate(n, seed, chunk=1_000_000, progress=False, rv_prior=None):
     """Simulate n clusters from the prior: the simulation file's dict (SPEC.md Sect. 4).
 
     Args:
         n: clusters. seed: the prior's generator (the same seed gives the same clusters).
         chunk: fluxes are computed in chunks of this many clusters (bounds memory; the prior is drawn in one
             go, so the result does not depend on it). progress: print a progress line on stderr.
+        rv_prior: None (R_V = 3.1 fixed, the paper's model) or (lo, hi): R_V ~ U[lo, hi] per cluster, drawn
+            after the other parameters (so age, mass and E(B-V) are those of the fixed model's same seed).
     Returns:
-        dict age_myr, log10_mass, ebv, flux_10pc_mjy (N, 5), mstar_frac, bands, seed.
+        dict age_myr, log10_mass, ebv, flux_10pc_mjy (N, 5), mstar_frac, bands, seed; with rv_prior also
+        rv (N,) and rv_prior (2,).
     """
     rng = np.random.default_rng(seed)
     prior = sample_prior(n, rng)
+    rv = None if rv_prior is None else rng.uniform(*rv_prior, int(n))
     flux = np.empty((int(n), len(BANDS)))
     chunk = max(1, int(chunk))
     bar = Progress(n, "simulate", every=0.0 if progress else float("inf"))
     for start in range(0, int(n), chunk):
         sl = slice(start, min(start + chunk, int(n)))
-        flux[sl] = model_flux(prior["age_myr"][sl], prior["ebv"][sl], prior["log10_mass"][sl])
+        flux[sl] = model_flux(prior["age_myr"][sl], prior["ebv"][sl], prior["log10_mass"][sl],
+                              r_v=None if rv is None else rv[sl])
         if progress:
             bar.update(sl.stop)
-    return {"age_myr": prior["age_myr"], "log10_mass": prior["log10_mass"], "ebv": prior["ebv"],
-            "flux_10pc_mjy": flux, "mstar_frac": mstar_fraction(prior["age_myr"]),
-            "bands": np.array(BANDS), "seed": np.int64(seed)}
+    out = {"age_myr": prior["age_myr"], "log10_mass": prior["log10_mass"], "ebv": prior["ebv"],
+           "flux_10pc_mjy": flux, "mstar_frac": mstar_fraction(prior["age_myr"]),
+           "bands": np.array(BANDS), "seed": np.int64(seed)}
+    if rv is not None:
+        out.update(rv=rv, rv_prior=np.array(rv_prior, dtype=float))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -539,6 +632,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> identical file)")
     p.add_argument("--out", default="runs/sim.npz", help="output .npz (default runs/sim.npz)")
     p.add_argument("--chunk", type=int, default=1_000_000, help="clusters per chunk (bounds memory)")
+    p.add_argument("--rv-prior", default="none",
+                   help="R_V per cluster: none (fixed 3.1, the paper's model), default (U[%g, %g], see README) or "
+                        "uniform:LO:HI" % RV_PRIOR_DEFAULT)
     p.add_argument("--backend", choices=("numpy", "pcigale"), default="numpy",
                    help="numpy (default) or pcigale (needs pcigale installed; slow: use small --n)")
     p.add_argument("--cigale-dir", default=None,
@@ -546,6 +642,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n < 1 or args.chunk < 1 or args.seed < 0:
         p.error("--n and --chunk must be >= 1, --seed >= 0")
+    try:
+        rv_prior = parse_rv_prior(args.rv_prior)
+    except ValueError as err:
+        p.error(str(err))
+    if rv_prior is not None and args.backend == "pcigale":
+        p.error("--rv-prior needs the numpy backend")
     t0 = time.perf_counter()
     if Path(args.out).is_dir() or Path(args.out).parent.is_file():
         p.error(f"--out {args.out}: needs a file name in a directory")
@@ -555,7 +657,7 @@ def main(argv=None):
         except (RuntimeError, subprocess.CalledProcessError) as err:
             raise SystemExit(f"simulate.py: {err}")
     else:
-        sim = simulate(args.n, args.seed, chunk=args.chunk, progress=args.n >= 1_000_000)
+        sim = simulate(args.n, args.seed, chunk=args.chunk, progress=args.n >= 1_000_000, rv_prior=rv_prior)
     save_npz(args.out, **sim)
     print(f"wrote {args.out}: {args.n} clusters, seed {args.seed}, {time.perf_counter() - t0:.1f} s")
 

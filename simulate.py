@@ -286,20 +286,6 @@ def _rv_interval(r_v):
     return j, pos - j
 
 
-def rv_table(r_v, path=TABLE_PATH):
-    """The model table at any R_V in RV_LIMITS: ln F linear in R_V between the two bracketing node tables
-    (the variable-R_V model of model_flux; at a node, that node's table). Not cached."""
-    r_v = float(_check_range("r_v", r_v, *RV_LIMITS))
-    j, w = _rv_interval(r_v)
-    lo, hi = (load_table(path, v) for v in rv_nodes()[[j, j + 1]])
-    if w == 0.0:
-        return lo
-    ln_flux = hi["ln_flux"] - lo["ln_flux"]
-    ln_flux *= w
-    ln_flux += lo["ln_flux"]
-    return dict(lo, ln_flux=ln_flux, r_v=r_v)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Public forward model.
 
@@ -343,7 +329,7 @@ def _ln_flux(tab, age, ebv):
 
 
 def _ln_flux_rv(age, ebv, r_v):
-    """ln F (..., 5) of the variable-R_V model: linear in R_V between the node tables (rv_table)."""
+    """ln F (..., 5) of the variable-R_V model: linear in R_V between the node tables (rv_nodes)."""
     j, w = _rv_interval(r_v)
     nodes = rv_nodes()
     ln_f = np.empty(age.shape + (len(BANDS),))
@@ -365,7 +351,7 @@ def model_flux(age_myr, ebv, log10_mass=0.0, distance_mpc=None, r_v=None):
     between the E(B-V) nodes of load_table(): off the nodes the relative error is < 2e-6, except F275W of
     old clusters at E(B-V) > 1 (red leak): up to 4.7e-5 (tests/test_simulate.py).
     r_v: None for the paper's fixed R_V = 3.1; else R_V per cluster in RV_LIMITS, ln F linear in R_V between
-    the RV_STEP nodes (rv_table; off the nodes the relative error is < 4e-5, tests/test_simulate.py).
+    the RV_STEP nodes (off the nodes the relative error is < 4e-5, tests/test_simulate.py).
     """
     age = _check_ages(age_myr)
     ebv = _check_range("ebv", ebv, *EBV_RANGE)
@@ -436,7 +422,7 @@ def age_bin(log10_age):
 
 def parse_rv_prior(text):
     """`--rv-prior`: "none" (the paper's fixed R_V = 3.1) -> None; "default" -> RV_PRIOR_DEFAULT;
-    "uniform:LO:HI" -> (LO, HI) inside RV_LIMITS. Else ValueError."""
+    "uniform:LO:HI" -> (LO, HI), R_V nodes inside RV_LIMITS. Else ValueError."""
     if text in (None, "none"):
         return None
     if text == "default":
@@ -448,9 +434,10 @@ def parse_rv_prior(text):
         lo, hi = float(parts[1]), float(parts[2])
     except ValueError:
         raise ValueError(f"--rv-prior {text!r}: expected none, default or uniform:LO:HI") from None
-    if not RV_LIMITS[0] <= lo < hi <= RV_LIMITS[1]:
-        raise ValueError(f"--rv-prior {text!r}: need {RV_LIMITS[0]} <= LO < HI <= {RV_LIMITS[1]} "
-                         f"(the range the CCM89 law is used over)")
+    on_nodes = all(np.min(np.abs(rv_nodes() - v)) < 1e-9 for v in (lo, hi))
+    if not (RV_LIMITS[0] <= lo < hi <= RV_LIMITS[1] and on_nodes):
+        raise ValueError(f"--rv-prior {text!r}: need {RV_LIMITS[0]} <= LO < HI <= {RV_LIMITS[1]} (the range the "
+                         f"CCM89 law is used over), both multiples of {RV_STEP} (the exact posterior's R_V nodes)")
     return lo, hi
 
 

@@ -408,3 +408,27 @@ def test_hires_model_close_to_bc03_2003_lowres_bv(shared_data):
     for resid in (v - tab[:, 3], (b - v) - (tab[:, 2] - tab[:, 3])):
         resid = resid - np.median(resid)
         assert np.sqrt(np.mean(resid ** 2)) < 0.03 and np.max(np.abs(resid)) < 0.06
+
+
+def test_variable_rv_model():
+    """R_V per cluster (issue: nuisance parameters): the prior draws are the fixed model's (R_V drawn last);
+    R_V = 3.1 gives the fixed model's fluxes bit for bit; between two nodes ln F is within 4e-5 of the table
+    built directly at that R_V (CCM89 / O'Donnell at R_V itself), and R_V changes the fluxes (up to e-folds
+    at E(B-V) = 1.5); parse_rv_prior refuses priors off the node grid or outside RV_LIMITS."""
+    a = sim.simulate(300, 3)
+    b = sim.simulate(300, 3, rv_prior=(2.5, 5.0))
+    assert all(np.array_equal(a[k], b[k]) for k in ("age_myr", "log10_mass", "ebv"))
+    assert np.all((b["rv"] >= 2.5) & (b["rv"] <= 5.0)) and np.abs(np.log(b["flux_10pc_mjy"] / a["flux_10pc_mjy"])).max() > 1
+    fixed = sim.model_flux(a["age_myr"], a["ebv"], a["log10_mass"])
+    assert np.array_equal(sim.model_flux(a["age_myr"], a["ebv"], a["log10_mass"], r_v=np.full(300, 3.1)), fixed)
+    rng = np.random.default_rng(0)
+    age, ebv = rng.integers(1, 13751, 2000), rng.uniform(0, 1.5, 2000)
+    ebv[:20] = 1.5
+    direct = sim._build_table(sim.TABLE_PATH, 4.35)
+    want = np.exp(sim._ln_flux(direct, age, np.round(ebv / sim.EBV_STEP) * sim.EBV_STEP))
+    got = sim.model_flux(age, np.round(ebv / sim.EBV_STEP) * sim.EBV_STEP, r_v=4.35)
+    assert np.max(np.abs(got / want - 1)) < 4e-5
+    for bad in ("uniform:2.55:4.0", "uniform:2.0:4.0", "uniform:4:3", "normal:3:1"):
+        with pytest.raises(ValueError):
+            sim.parse_rv_prior(bad)
+    assert sim.parse_rv_prior("default") == sim.RV_PRIOR_DEFAULT and sim.parse_rv_prior("none") is None

@@ -587,10 +587,24 @@ def kl_by_floor_height(logp_exact, logq, theta_true, x):
 EXACT_KEYS = ("logp_exact", "map_exact", "quantiles_exact", "map_exact_meanshift")
 
 
-def exact_reference(obs, n_samples, rng, bandwidth=None, kernel="gaussian", n_examples=0, progress=None):
+def exact_posterior_of(obs, i, rv_prior="auto"):
+    """The exact posterior of cluster i of obs: with R_V marginalised over the observations' own R_V prior
+    (obs["rv_prior"], simulated with a variable R_V; grid_posterior.exact_posterior_rv), else at R_V = 3.1.
+    rv_prior "auto" takes the observations'; None forces R_V = 3.1 (the fixed model's posterior)."""
+    if isinstance(rv_prior, str):
+        rv_prior = obs.get("rv_prior")
+    f, r, d = obs["flux_mjy"][i], obs["rel_err"][i], obs["distance_mpc"][i]
+    if rv_prior is None:
+        return grid_posterior.exact_posterior(f, r, d)
+    return grid_posterior.exact_posterior_rv(f, r, d, tuple(np.asarray(rv_prior, dtype=float)), seed=i)
+
+
+def exact_reference(obs, n_samples, rng, bandwidth=None, kernel="gaussian", n_examples=0, progress=None,
+                    rv_prior="auto"):
     """Per cluster of obs (with the true theta): the exact grid posterior's log density at the true theta, its
     MAP, 16/50/84 % quantiles, and the mean-shift MAP of n_samples exact samples (the same estimator as the
-    cINN's). A cluster whose posterior cannot be computed gets NaN (counted by exact_summary).
+    cINN's). A cluster whose posterior cannot be computed gets NaN (counted by exact_summary). rv_prior: as in
+    exact_posterior_of (observations simulated with a variable R_V get the R_V-marginal posterior).
 
     Returns:
         (dict of EXACT_KEYS arrays, the marginals of the first n_examples clusters for plots.plot_exact_examples,
@@ -603,7 +617,7 @@ def exact_reference(obs, n_samples, rng, bandwidth=None, kernel="gaussian", n_ex
     for i in range(n):
         f, r, d = obs["flux_mjy"][i:i + 1], obs["rel_err"][i:i + 1], obs["distance_mpc"][i:i + 1]
         try:
-            post = grid_posterior.exact_posterior(f[0], r[0], d[0])
+            post = exact_posterior_of(obs, i, rv_prior)
         except (MemoryError, RuntimeError):              # this cluster is left out, the others go on
             n_examples = min(n_examples, i)
             continue
@@ -1110,13 +1124,22 @@ def cmd_compare(args):
     return summary
 
 
-def _load_exact_reference(path, theta):
-    """The exact-posterior part of an earlier `exact` run (its exact.npz) on the same clusters: the grid
-    posteriors do not depend on the cINN, so comparing another model need not recompute them."""
+def _rv_prior_array(rv_prior):
+    """An R_V prior as stored in exact.npz: (lo, hi), or (NaN, NaN) for R_V = 3.1 fixed."""
+    return np.full(2, np.nan) if rv_prior is None else np.asarray(rv_prior, dtype=float)
+
+
+def _load_exact_reference(path, theta, rv_prior):
+    """The exact-posterior part of an earlier `exact` run (its exact.npz) on the same clusters and R_V prior:
+    the grid posteriors do not depend on the cINN, so comparing another model need not recompute them."""
     ref = load_npz(path, required=EXACT_KEYS + ("theta_true",))
     if ref["theta_true"].shape != theta.shape or not np.allclose(ref["theta_true"], theta, rtol=0, atol=1e-12):
         raise ValueError(f"{path}: its theta_true ({ref['theta_true'].shape[0]} clusters) is not that of the "
                          f"first {len(theta)} clusters of --obs; use the same --obs and --n as the run that wrote it")
+    had = ref.get("exact_rv_prior", _rv_prior_array(None))
+    if not np.array_equal(had, _rv_prior_array(rv_prior), equal_nan=True):
+        raise ValueError(f"{path}: its exact posteriors took R_V prior {had} (NaN: R_V = 3.1), this run asks for "
+                         f"{_rv_prior_array(rv_prior)}; see --exact-rv")
     return {k: ref[k] for k in EXACT_KEYS}
 
 
@@ -1127,16 +1150,18 @@ def cmd_exact(args):
     logq = np.asarray(model.log_prob(obs["theta"], obs["x"]), dtype=float)
     logq_flow = model.flow_log_prob(obs["theta"], obs["x"]) if model.method == "refined" else logq
     samples, summ = samples_and_summary(args, obs, model)
+    rv_prior = obs.get("rv_prior") if args.exact_rv == "auto" else None
     if args.reuse_exact:
-        ref, grids, examples = _load_exact_reference(args.reuse_exact, obs["theta"]), [], []
+        ref, grids, examples = _load_exact_reference(args.reuse_exact, obs["theta"], rv_prior), [], []
     else:
         ref, grids, examples = exact_reference(obs, samples.shape[1], np.random.default_rng(args.seed + 1),
                                                args.bandwidth, args.kernel, args.examples,
-                                               Progress(len(obs["x"]), "exact posteriors").update)
+                                               Progress(len(obs["x"]), "exact posteriors").update, rv_prior)
     res = exact_summary(ref, logq, logq_flow, samples, summ, obs)
     out = _outdir(args.out)
     save_npz(out / "exact.npz", **ref, logq_cinn=logq, logq_flow=logq_flow, theta_true=obs["theta"],
-             map_cinn=summ["modes"][:, 0], modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], seed=args.seed)
+             map_cinn=summ["modes"][:, 0], modes_cinn=summ["modes"], quantiles_cinn=summ["quantiles"], seed=args.seed,
+             exact_rv_prior=_rv_prior_array(rv_prior))
     write_json(out / "exact.json", res)
     if grids:
         plots.plot_exact_examples(out / "exact_examples.png", samples[:len(grids)], grids, obs["theta"][:len(grids)])
@@ -1433,6 +1458,9 @@ def build_parser():
     p.add_argument("--examples", type=int, default=4, help="clusters shown in the Fig. 5 style figure")
     p.add_argument("--reuse-exact", metavar="EXACT_NPZ", help="the exact posteriors' summaries from an earlier "
                    "run's exact.npz (same --obs and --n): compares another model in minutes")
+    p.add_argument("--exact-rv", choices=("auto", "fixed"), default="auto",
+                   help="auto: observations simulated with a variable R_V (their rv_prior) get the exact posterior "
+                   "with R_V marginalised; fixed: the R_V = 3.1 posterior whatever the observations")
     p.set_defaults(func=cmd_exact)
     _catalog_parser(sub)
     return ap

@@ -584,7 +584,7 @@ def sbc_pvalues_rv(n, seed, marginalise, n_samples=99):
                            [stats.kstest(pit[:, j], "uniform").pvalue for j in range(3)]])
 
 
-@pytest.mark.parametrize("n", [150, pytest.param(500, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [100, pytest.param(500, marks=pytest.mark.slow)])
 def test_rv_marginal_posterior_is_calibrated_and_ignoring_rv_is_rejected(n):
     """Clusters simulated with R_V ~ U[2.5, 4]: the exact posterior with R_V marginalised passes SBC (all 7
     p > 1e-3); the same clusters analysed with R_V fixed at 3.1 fail (some p < 1e-4). 500 clusters: -m slow."""
@@ -599,15 +599,15 @@ def test_rv_marginal_posterior_is_calibrated_and_ignoring_rv_is_rejected(n):
 def test_rv_marginal_converged_in_its_rv_integral(monkeypatch):
     """The R_V integral at a point (RV_SUBSTEPS steps per node interval) against 4x finer steps: log densities
     at the draws agree to 1e-3 nats (median; all to 0.01), log Z to 0.01; the proposal keeps a useful share of
-    the importance weight (ess > 0.02; the lowest of these clusters, a precise one, is 0.07); p(R_V | x) lies
-    inside the prior."""
+    the importance weight (ess > 0.3; the lowest of these clusters is 0.57); p(R_V | x) lies inside the
+    prior."""
     base = synthetic_table(n_age=60, ebv_step=0.1)
     table_at = rv_family(base)
     rng = np.random.default_rng(4)
     theta, fs, rs, d, rv = simulate_obs_rv(base, 6, rng, RV_PRIOR)
     for i in range(6):
         post = gp.exact_posterior_rv(fs[i], rs[i], d[i], RV_PRIOR, table_at=table_at)
-        s = gp.sample_posterior(post, 2000, rng)
+        s = gp.sample_posterior(post, 500, rng)
         ld = gp.log_density(s[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1], posts=[post])[0]
         with monkeypatch.context() as m:
             m.setattr(gp, "RV_SUBSTEPS", 4 * gp.RV_SUBSTEPS)
@@ -616,4 +616,4 @@ def test_rv_marginal_converged_in_its_rv_integral(monkeypatch):
         assert np.all(np.isfinite(ld)) and np.median(np.abs(ld - ld_fine)) < 1e-3
         assert np.max(np.abs(ld - ld_fine)) < 0.01
         assert abs(post["log_z"] - fine["log_z"]) < 0.01
-        assert post["ess"] > 0.02 and RV_PRIOR[0] < post["rv_mean"] < RV_PRIOR[1]
+        assert post["ess"] > 0.3 and RV_PRIOR[0] < post["rv_mean"] < RV_PRIOR[1]

@@ -116,6 +116,21 @@ def load_split(data_dir, name):
     return obs
 
 
+RV_OFF = {"floor_scale": 0.0, "support": False}    # the refinements that hold only at R_V = 3.1 (below)
+
+
+def for_variable_rv(run, data):
+    """The run for data simulated with a variable R_V (their rv_prior). The refined method's mass floor and
+    support truncation follow from the R_V = 3.1 table and are hard edges: a cluster with another R_V can lie
+    below that floor, where the coordinate is undefined. They are switched off (RV_OFF, said on stderr); the
+    ridges and the age profile stay at R_V = 3.1, approximations that the flow corrects."""
+    if run.method != "refined" or data.get("rv_prior") is None:
+        return run
+    log(f"variable R_V (prior {np.asarray(data['rv_prior']).tolist()}): refinements {RV_OFF} "
+        "(the mass floor and the support hold at R_V = 3.1 only)")
+    return replace(run, refinements={**(run.refinements or {}), **RV_OFF})
+
+
 def fingerprint(*arrays):
     """sha256 of the arrays' bytes: what a resume checks that it trains on the same data."""
     h = hashlib.sha256()
@@ -425,6 +440,7 @@ def train(data_dir, out_dir, run, seed=0, resume=False, device=None, max_minutes
     if os.path.exists(last) and not resume:
         raise FileExistsError(f"{last} exists: pass --resume to continue that run, or choose another --out")
     tr, va = load_split(data_dir, "train"), load_split(data_dir, "val")
+    run = for_variable_rv(run, tr)
     checks.output_dir(out_dir)
     ident = dict(run.as_dict(), seed=int(seed), data=fingerprint(tr["theta"], tr["x"], va["theta"], va["x"]))
     if os.path.exists(last):

@@ -541,3 +541,25 @@ def test_a_part_must_hold_rows_and_stems_keep_their_dots():
     with pytest.raises(ValueError, match="fewer than 3 parts"):
         ev.part_rows(300, "1/3", chunk=256)
     assert ev.catalog_stem("cat.part1") == "cat.part1" and ev.catalog_stem("a/b.ECSV") == "a/b"
+
+
+def test_exact_reference_marginalises_rv_when_the_observations_were_simulated_with_it(tmp_path):
+    """Observations with an rv_prior get the R_V-marginal exact posterior (its mixture over R_V nodes), unless
+    R_V = 3.1 is asked for; exact.npz records the prior, and reusing it for another prior is refused."""
+    import preprocess
+    import simulate
+    sim = simulate.simulate(3, seed=2, rv_prior=(3.0, 3.2))
+    obs = preprocess.observe({k: sim[k] for k in preprocess.SIM_KEYS}, np.random.default_rng(3))
+    obs.update(rv=sim["rv"], rv_prior=sim["rv_prior"])
+    post = ev.exact_posterior_of(obs, 0)
+    assert list(post["rv"]) == [3.0, 3.1, 3.2] and "components" in post
+    assert "components" not in ev.exact_posterior_of(obs, 0, rv_prior=None)
+    ref, _, _ = ev.exact_reference(obs, 200, np.random.default_rng(0))
+    fixed, _, _ = ev.exact_reference(obs, 200, np.random.default_rng(0), rv_prior=None)
+    assert np.all(np.isfinite(ref["logp_exact"])) and not np.allclose(ref["logp_exact"], fixed["logp_exact"])
+    path = tmp_path / "exact.npz"
+    simulate.save_npz(path, **ref, theta_true=obs["theta"], exact_rv_prior=ev._rv_prior_array(obs["rv_prior"]))
+    assert np.array_equal(ev._load_exact_reference(path, obs["theta"], obs["rv_prior"])["logp_exact"],
+                          ref["logp_exact"])
+    with pytest.raises(ValueError, match="R_V prior"):
+        ev._load_exact_reference(path, obs["theta"], None)

@@ -584,7 +584,7 @@ def sbc_pvalues_rv(n, seed, marginalise, n_samples=99):
                            [stats.kstest(pit[:, j], "uniform").pvalue for j in range(3)]])
 
 
-@pytest.mark.parametrize("n", [100, pytest.param(500, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [50, pytest.param(500, marks=pytest.mark.slow)])
 def test_rv_marginal_posterior_is_calibrated_and_ignoring_rv_is_rejected(n):
     """Clusters simulated with R_V ~ U[2.5, 4]: the exact posterior with R_V marginalised passes SBC (all 7
     p > 1e-3); the same clusters analysed with R_V fixed at 3.1 fail (some p < 1e-4). 500 clusters: -m slow."""

@@ -57,8 +57,8 @@ class FlowConfig:
     coupling: str = "affine"    # "affine" (Eqs. 5-7, the paper's) or "spline" (rational-quadratic splines)
     bins: int = 8               # spline bins
     tail_bound: float = 5.0     # real domain: the splines act on [-tail_bound, tail_bound], identity outside
-    domain: str = "real"        # "real": the flow works on u; "cube": on v = Phi(u) in [0, 1]^3 (splines only)
-    base: str = "gaussian"      # cube domain: the latent is Phi^-1 of the flow's output ("gaussian") or uniform
+    domain: str = "real"        # "real": the flow works on u; "cube": on v = Phi(u) in [0, 1]^3 (splines only),
+                                # the latent Phi^-1 of the blocks' output (a uniform latent lost: NOTEBOOK 7.9)
 
     @classmethod
     def from_dict(cls, d):
@@ -253,9 +253,8 @@ class CINN(nn.Module):
         else:
             self.cond_net = nn.Identity()
         dim_c = config.cond_dim or dx
-        if config.coupling not in ("affine", "spline") or config.domain not in ("real", "cube") \
-                or config.base not in ("gaussian", "uniform"):
-            raise ValueError(f"coupling, domain or base not known: {config}")
+        if config.coupling not in ("affine", "spline") or config.domain not in ("real", "cube"):
+            raise ValueError(f"coupling or domain not known: {config}")
         if config.domain == "cube" and config.coupling != "spline":
             raise ValueError("the cube domain needs spline couplings (affine ones leave the cube)")
         if config.coupling == "affine":
@@ -300,7 +299,7 @@ class CINN(nn.Module):
 
     def to_latent(self, u, x=None, c=None):
         """u -> z and log|det dz/du| (N,). In the cube domain v = Phi(u) enters the blocks, and the latent is
-        Phi^-1 of their output (base "gaussian") or that output itself (base "uniform")."""
+        Phi^-1 of their output."""
         c = self.condition(x) if c is None else c
         logdet = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
         cube = self.config.domain == "cube"
@@ -310,7 +309,7 @@ class CINN(nn.Module):
             u, ld = block(u, c)
             u = u[:, getattr(self, f"perm{k}")]
             logdet = logdet + ld
-        if cube and self.config.base == "gaussian":
+        if cube:
             u = torch.special.ndtri(_open_unit(u))
             logdet = logdet - _log_phi(u).sum(dim=1)
         return u, logdet
@@ -319,7 +318,7 @@ class CINN(nn.Module):
         """z -> u, the inverse of to_latent (used for sampling)."""
         c = self.condition(x) if c is None else c
         cube = self.config.domain == "cube"
-        if cube and self.config.base == "gaussian":
+        if cube:
             z = torch.special.ndtr(z)
         for k in reversed(range(len(self.blocks))):
             z = z[:, getattr(self, f"inv_perm{k}")]
@@ -327,12 +326,8 @@ class CINN(nn.Module):
         return torch.special.ndtri(_open_unit(z)) if cube else z
 
     def log_prob_u(self, u, x):
-        """log p(u | x) = log p_base(z) + log|det dz/du| (Eq. 4 without the mean); p_base the standard normal,
-        or the uniform on the cube (zero outside it)."""
+        """log p(u | x) = log p_base(z) + log|det dz/du| (Eq. 4 without the mean); p_base the standard normal."""
         z, logdet = self.to_latent(u, x)
-        if self.config.base == "uniform" and self.config.domain == "cube":
-            inside = ((z >= 0) & (z <= 1)).all(dim=1)
-            return torch.where(inside, logdet, torch.full_like(logdet, -math.inf))
         return -0.5 * (z ** 2).sum(dim=1) - 0.5 * z.shape[1] * math.log(2 * math.pi) + logdet
 
     def _x_tensor(self, x):
@@ -388,10 +383,7 @@ class CINN(nn.Module):
         into c) -> numpy float64 (len(c) n, 3), cluster by cluster."""
         if rows is not None:
             c, n = c[torch.as_tensor(rows, device=c.device)], 1
-        if self.config.domain == "cube" and self.config.base == "uniform":
-            z = torch.rand(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
-        else:
-            z = torch.randn(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
+        z = torch.randn(len(c) * n, 3, generator=gen, device=self.device, dtype=c.dtype)
         c = c.repeat_interleave(n, dim=0)
         if n > batch_rows:                           # very many samples of one cluster: split further
             u = torch.cat([self.to_params(zz, c=cc) for zz, cc in zip(z.split(batch_rows), c.split(batch_rows))])

@@ -55,8 +55,7 @@ def main(argv=None):
             ref["theta_true"][:, 1] - evaluate.refinements.raw_mass_floor(ref["theta_true"][:, 0],
                                                                           ref["theta_true"][:, 2],
                                                                           test["x"][:len(d)]) < 0.03)))
-        print(f"{run}: {model.method}, {model.config.coupling}, {model.config.domain} domain"
-              f"{', ' + model.config.base + ' base' if model.config.domain == 'cube' else ''} ({sec:.0f} s)")
+        print(f"{run}: {model.method}, {model.config.coupling}, {model.config.domain} domain ({sec:.0f} s)")
         print(f"  test NLL {np.mean(nll):.4f} +- {np.std(nll) / np.sqrt(len(nll)):.4f} ({len(nll)} clusters); "
               f"KL {np.nanmean(d):.4f} +- {np.nanstd(d) / np.sqrt(np.isfinite(d).sum()):.4f} ({np.isfinite(d).sum()})")
         print(f"  KL near a prior bound {kb['near'][1]:.3f} +- {kb['near'][2]:.3f} ({kb['near'][0]}); within 0.03 "

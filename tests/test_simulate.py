@@ -411,7 +411,7 @@ def test_hires_model_close_to_bc03_2003_lowres_bv(shared_data):
 
 
 def test_variable_rv_model():
-    """R_V per cluster (issue: nuisance parameters): the prior draws are the fixed model's (R_V drawn last);
+    """R_V per cluster, a nuisance parameter: the prior draws are the fixed model's (R_V drawn last);
     R_V = 3.1 gives the fixed model's fluxes bit for bit; between two nodes ln F is within 4e-5 of the table
     built directly at that R_V (CCM89 / O'Donnell at R_V itself), and R_V changes the fluxes (up to e-folds
     at E(B-V) = 1.5); parse_rv_prior refuses priors off the node grid or outside RV_LIMITS."""

@@ -1235,7 +1235,8 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     The density (log_density) takes the R_V integral at theta itself: on the variable-R_V model's table nodes
     (RV_STEP apart; simulate.load_table(r_v) or table_at(r_v)), RV_SUBSTEPS steps per node interval
     (_rv_loglike). Draws come from a proposal, the mixture sum_k pi_k p(theta | x, R_k) of exact_posterior at
-    every RV_PROPOSAL_EVERY-th node R_k (kwargs go to it), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the
+    every RV_PROPOSAL_EVERY-th node R_k (kwargs go to it; its max_cells defaults to MAX_CELLS shared among the
+    components, so a broad posterior raises MemoryError rather than holding ~26 x 1 GB), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the
     evidences Z(R_k) and trapezoid weights w_k (rv_quadrature), importance-resampled by the ratio of the two
     densities (_log_ratio; sample_posterior). The mixture alone is the R_V integral on its nodes: where the
     photometry is precise, p(theta | x, R_V) moves by more than its width between two nodes (mostly in mass,
@@ -1252,6 +1253,7 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     all_nodes, idx, log_w = rv_quadrature(rv_prior)
     table_at = table_at or (lambda v: load_table(r_v=v))
     tables = [table_at(v) for v in all_nodes]
+    kwargs.setdefault("max_cells", MAX_CELLS // len(idx))        # all components together within MAX_CELLS
     comps, keep = [], []
     for i in idx:
         try:

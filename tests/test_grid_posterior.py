@@ -328,14 +328,21 @@ def test_samples_inside_likelihood_support(table):
 
 
 def sbc_pvalues(table, n, likelihood, seed, n_samples=99):
-    """SBC of the grid posterior: per parameter, chi^2 test of the histogram (10 bins) of the truth's rank among
-    n_samples posterior draws and KS test of the PIT u = F_marginal(truth) ~ U(0, 1); jointly, chi^2 test of
-    the HPD rank (how many draws have a higher posterior density than the truth)."""
+    """SBC of the grid posterior on clusters of simulate_obs (sbc_stats)."""
     rng = np.random.default_rng(seed)
     theta, fs, rs, d, k = simulate_obs(table, n, rng)
+    return sbc_stats(theta, fs, rs, d, rng, n_samples, table, likelihood,
+                     lambda i: gp.exact_posterior(fs[i], rs[i], d[i], table=table, likelihood=likelihood))
+
+
+def sbc_stats(theta, fs, rs, d, rng, n_samples, table, likelihood, posterior):
+    """SBC of posterior(i) over clusters i: per parameter, chi^2 test of the histogram (10 bins) of the truth's
+    rank among n_samples posterior draws and KS test of the PIT u = F_marginal(truth) ~ U(0, 1); jointly, chi^2
+    test of the HPD rank (how many draws have a higher posterior density than the truth). Returns the 7 p."""
+    n = len(theta)
     ranks, pit, hpd = np.empty((n, 3), int), np.empty((n, 3)), np.empty(n, int)
     for i in range(n):
-        post = gp.exact_posterior(fs[i], rs[i], d[i], table=table, likelihood=likelihood)
+        post = posterior(i)
         s = gp.sample_posterior(post, n_samples, rng)
         ranks[i] = (s < theta[i]).sum(0)
         pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
@@ -560,28 +567,17 @@ def simulate_obs_rv(base, n, rng, rv_prior=RV_PRIOR):
 
 
 def sbc_pvalues_rv(n, seed, marginalise, n_samples=99):
-    """sbc_pvalues on clusters simulated with a random R_V, analysed with R_V marginalised (exact_posterior_rv)
+    """sbc_stats on clusters simulated with a random R_V, analysed with R_V marginalised (exact_posterior_rv)
     or, ignoring it, with the fixed R_V = 3.1 table."""
     base = synthetic_table(n_age=60, ebv_step=0.1)
     table_at = rv_family(base)
     rng = np.random.default_rng(seed)
     theta, fs, rs, d, rv = simulate_obs_rv(base, n, rng)
-    ranks, pit, hpd = np.empty((n, 3), int), np.empty((n, 3)), np.empty(n, int)
-    for i in range(n):
-        if marginalise:
-            post = gp.exact_posterior_rv(fs[i], rs[i], d[i], RV_PRIOR, table_at=table_at)
-        else:
-            post = gp.exact_posterior(fs[i], rs[i], d[i], table=table_at(3.1))
-        s = gp.sample_posterior(post, n_samples, rng)
-        ranks[i] = (s < theta[i]).sum(0)
-        pit[i] = [gp.marginal_cdf(post, j, theta[i, j]) for j in range(3)]
-        ld = gp.log_density(np.concatenate([theta[i:i + 1], s])[None], fs[i:i + 1], rs[i:i + 1], d[i:i + 1],
-                            posts=[post], table=table_at(3.1))[0]
-        hpd[i] = np.sum(ld[1:] > ld[0])
-    hist = [np.bincount(ranks[:, j] * 10 // (n_samples + 1), minlength=10) for j in range(3)]
-    hist.append(np.bincount(hpd * 10 // (n_samples + 1), minlength=10))
-    return np.concatenate([[stats.chisquare(h).pvalue for h in hist],
-                           [stats.kstest(pit[:, j], "uniform").pvalue for j in range(3)]])
+    if marginalise:
+        posterior = lambda i: gp.exact_posterior_rv(fs[i], rs[i], d[i], RV_PRIOR, table_at=table_at)
+    else:
+        posterior = lambda i: gp.exact_posterior(fs[i], rs[i], d[i], table=table_at(3.1))
+    return sbc_stats(theta, fs, rs, d, rng, n_samples, table_at(3.1), "exact", posterior)
 
 
 @pytest.mark.parametrize("n", [50, pytest.param(500, marks=pytest.mark.slow)])

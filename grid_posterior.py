@@ -1027,7 +1027,7 @@ def sample_posterior(post, n, rng, max_tries=100):
     centre is always inside, so this ends; a draw still outside after max_tries rounds takes the centre.
     """
     if "components" in post:                              # R_V marginalised (exact_posterior_rv)
-        return _sample_rv(post, n, rng, max_tries)
+        return _sample_rv(post, n, rng)
     cdf = np.cumsum(post["prob"])
     i = np.minimum(np.searchsorted(cdf, rng.uniform(0.0, cdf[-1], n), side="right"), len(cdf) - 1)
     theta = _draw_in_cells(post, i, rng.uniform(-0.5, 0.5, (n, 5)))
@@ -1127,8 +1127,9 @@ def _logsumexp_rows(a):
 
 RV_SUBSTEPS = 32        # the R_V integral at a point theta: midpoint steps per node interval (RV_STEP / 32)
 RV_POOL = 10            # sample_posterior with R_V marginalised: proposals per draw and unit of 1 / ess
+RV_RESERVOIR = 100_000  # draws kept of each node posterior (the proposal's), each used once
 RV_PROPOSAL_EVERY = 1   # exact posteriors at every node: at every 2nd (3rd) node the importance share fell to
-                        # 0.06 (0.008) on the test's clusters, at every node it stays >= 0.5
+                        # 0.06 (0.008) on the test's clusters, at every node it stays near 0.5 or above
 
 
 def _trapezoid_log_weights(x):
@@ -1209,25 +1210,40 @@ def _log_ratio(theta, post):
         return np.where(np.isfinite(coarse), fine - coarse, -np.inf)
 
 
-def _mixture_draws(post, n, rng, max_tries=100):
-    """n draws of the node mixture sum_k pi_k p(theta | x, R_k) (the proposal of sample_posterior)."""
-    counts = rng.multinomial(n, np.exp(post["log_weight"]))
-    theta = np.concatenate([sample_posterior(c, int(m), rng, max_tries) for c, m in zip(post["components"], counts)
-                            if m > 0])
-    return theta[rng.permutation(n)]
+def _compact_component(post, reservoir, rng):
+    """A node posterior as the R_V mixture keeps it: log Z, MAP, marginals and `reservoir` draws, each used once
+    (_mixture_draws); not its cells (26 broad node posteriors held 16.7 GB)."""
+    out = {k: post[k] for k in ("log_z", "n_age", "age_pmf", "map", "mass_grid", "mass_cdf", "ebv_grid", "ebv_cdf")}
+    out.update(draws=sample_posterior(post, reservoir, rng), used=0)
+    return out
 
 
-def _sample_rv(post, n, rng, max_tries=100):
+def _mixture_draws(post, n, rng):
+    """n draws of the node mixture sum_k pi_k p(theta | x, R_k) (the proposal of sample_posterior): counts
+    by pi_k, then each node's next unused draws."""
+    parts = []
+    for c, m, v in zip(post["components"], rng.multinomial(n, np.exp(post["log_weight"])), post["rv"]):
+        if m == 0:
+            continue
+        if c["used"] + m > len(c["draws"]):
+            raise RuntimeError(f"exact_posterior_rv: the node posterior at R_V = {v:.1f} has no more of its "
+                               f"{len(c['draws'])} draws; pass a larger `reservoir`")
+        parts.append(c["draws"][c["used"]:c["used"] + m])
+        c["used"] += int(m)
+    return np.concatenate(parts)[rng.permutation(n)]
+
+
+def _sample_rv(post, n, rng):
     """n draws of the R_V marginal: RV_POOL * n draws of the node mixture per unit of its effective share
     (post["ess"], at least 0.1), importance-resampled by _log_ratio."""
-    pool = _mixture_draws(post, int(np.ceil(RV_POOL / max(post.get("ess", 1.0), 0.1))) * n, rng, max_tries)
+    pool = _mixture_draws(post, int(np.ceil(RV_POOL / max(post.get("ess", 1.0), 0.1))) * n, rng)
     lr = _log_ratio(pool, post)
     p = np.exp(lr - lr.max())
     return pool[rng.choice(len(pool), n, p=p / p.sum())]
 
 
-def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None, n_check=1000, seed=0,
-                       **kwargs):
+def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None, n_check=4000, seed=0,
+                       reservoir=RV_RESERVOIR, **kwargs):
     """Exact posterior of one cluster with R_V ~ U[rv_prior] marginalised (Walter et al. 2026, Sect. 1):
 
         p(theta | x) = p(theta) int L(theta, R_V) p(R_V) dR_V / Z,     Z = int Z(R_V) p(R_V) dR_V.
@@ -1235,8 +1251,7 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     The density (log_density) takes the R_V integral at theta itself: on the variable-R_V model's table nodes
     (RV_STEP apart; simulate.load_table(r_v) or table_at(r_v)), RV_SUBSTEPS steps per node interval
     (_rv_loglike). Draws come from a proposal, the mixture sum_k pi_k p(theta | x, R_k) of exact_posterior at
-    every RV_PROPOSAL_EVERY-th node R_k (kwargs go to it; its max_cells defaults to MAX_CELLS shared among the
-    components, so a broad posterior raises MemoryError rather than holding ~26 x 1 GB), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the
+    every RV_PROPOSAL_EVERY-th node R_k (kwargs go to it; each is kept as `reservoir` draws, not as cells), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the
     evidences Z(R_k) and trapezoid weights w_k (rv_quadrature), importance-resampled by the ratio of the two
     densities (_log_ratio; sample_posterior). The mixture alone is the R_V integral on its nodes: where the
     photometry is precise, p(theta | x, R_V) moves by more than its width between two nodes (mostly in mass,
@@ -1244,8 +1259,8 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     mixture's, times the mean ratio over n_check of its draws.
 
     Returns a dict that marginal_cdf, posterior_quantiles, sample_posterior and log_density take like an
-    exact_posterior's: `components` (the proposal's node posteriors; where the likelihood has no support,
-    Z = 0), `log_weight` log pi_k, `rv` their nodes, `tables` and `proposal` (all nodes' tables, which are
+    exact_posterior's: `components` (the proposal's node posteriors: log Z, MAP, marginals, draws; where the
+    likelihood has no support, Z = 0), `log_weight` log pi_k, `rv` their nodes, `tables` and `proposal` (all nodes' tables, which are
     the proposal's), `rv_mean` and `rv_sd` of p(R_V | x), `log_z`, `ess` (the
     importance draws' effective share), `age_pmf`, `quantiles` (the node mixture's marginals) and `map` (the
     component MAP of highest density).
@@ -1253,12 +1268,14 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     all_nodes, idx, log_w = rv_quadrature(rv_prior)
     table_at = table_at or (lambda v: load_table(r_v=v))
     tables = [table_at(v) for v in all_nodes]
-    kwargs.setdefault("max_cells", MAX_CELLS // len(idx))        # all components together within MAX_CELLS
+    rng = np.random.default_rng(seed)
     comps, keep = [], []
     for i in idx:
         try:
-            comps.append(exact_posterior(flux_mjy, rel_err, distance_mpc, table=tables[i], **kwargs))
+            node = exact_posterior(flux_mjy, rel_err, distance_mpc, table=tables[i], **kwargs)
+            comps.append(_compact_component(node, reservoir, rng))
             keep.append(True)
+            del node                   # one node posterior's cells at a time
         except RuntimeError:           # no cell in the likelihood's support at this R_V (e.g. mass > 8 needed)
             comps.append({"log_z": -np.inf})
             keep.append(False)
@@ -1274,7 +1291,7 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
             "tables": tables, "proposal": idx, "obs": (f, r, d), "likelihood": kwargs.get("likelihood", "exact"),
             "n_age": comps[keep.argmax()]["n_age"], "age_pmf": sum(p * c["age_pmf"] for p, c, k in zip(pi, comps, keep) if k),
             "rv_mean": float(pi @ nodes), "rv_sd": float(np.sqrt(max(pi @ (nodes - pi @ nodes) ** 2, 0.0)))}
-    lr = _log_ratio(_mixture_draws(post, n_check, np.random.default_rng(seed)), post)
+    lr = _log_ratio(_mixture_draws(post, n_check, rng), post)
     post["log_z"] = log_z + _logsumexp(lr) - np.log(n_check)
     post["ess"] = float(np.exp(2 * _logsumexp(lr) - _logsumexp(2 * lr)) / n_check)
     post["quantiles"] = posterior_quantiles(post)

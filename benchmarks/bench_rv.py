@@ -8,7 +8,8 @@
 with --samples draws, and the cINN's --samples draws of the fixed and of the nuisance model: medians and the
 median paired ratio, all in one run. --bias N: both cINNs on the first N clusters: the mean of (posterior
 median - truth) per parameter with its standard error, overall and by the clusters' R_V (below and above 3.1),
-and the share of truths inside the central 68 %. Prints figures only; nothing is asserted.
+and the share of truths inside the central 68 %. --tables FIXED NUISANCE: two catalogue result tables of the
+same clusters: how the posteriors widen and move. Prints figures only; nothing is asserted.
 """
 import argparse
 import sys
@@ -77,13 +78,34 @@ def bias(obs, n, samples, models, seed):
                 f"{p} {m[j]:+.4f} +- {se[j]:.4f} ({cov[j]:.1%})" for j, p in enumerate(THETA_NAMES)))
 
 
+def tables(fixed_path, nuisance_path):
+    """Two catalogue result tables of the same clusters (fixed and nuisance model): per parameter the median
+    ratio of the 16-84 % widths, and the median and mean shift of the posterior median (nuisance - fixed)."""
+    from astropy.table import Table
+
+    from catalogs import RESULT_PARAMS
+    a, b = Table.read(fixed_path), Table.read(nuisance_path)
+    if len(a) != len(b) or any(np.any(np.asarray(a[c]) != np.asarray(b[c])) for c in ("field", "id")):
+        raise SystemExit(f"{fixed_path}, {nuisance_path}: not the same clusters (columns field, id)")
+    print(f"\n{len(a)} clusters; nuisance against fixed model:")
+    for p in RESULT_PARAMS:
+        w_a, w_b = (np.asarray(t[f"{p}_q84"] - t[f"{p}_q16"]) for t in (a, b))
+        shift = np.asarray(b[f"{p}_q50"] - a[f"{p}_q50"])
+        print(f"  {p:22s} width ratio median {np.nanmedian(w_b / w_a):.3f} (16-84 %: "
+              f"{np.nanpercentile(w_b / w_a, 16):.3f}-{np.nanpercentile(w_b / w_a, 84):.3f}); median shift "
+              f"{np.nanmedian(shift):+.4f}, mean {np.nanmean(shift):+.4f}, median |shift| / fixed width "
+              f"{np.nanmedian(np.abs(shift) / w_a):.3f}")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--obs", required=True, help="test.npz of a variable-R_V simulation (keys rv, rv_prior)")
+    ap.add_argument("--obs", help="test.npz of a variable-R_V simulation (keys rv, rv_prior)")
     ap.add_argument("--nuisance", help="model trained on variable-R_V data")
     ap.add_argument("--fixed", help="model trained on R_V = 3.1 data")
     ap.add_argument("--cost", type=int, default=0, help="clusters for the cost comparison")
     ap.add_argument("--bias", type=int, default=0, help="clusters for the bias of both models")
+    ap.add_argument("--tables", nargs=2, metavar=("FIXED", "NUISANCE"),
+                    help="two result tables of `evaluate.py catalog` on the same clusters")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -91,6 +113,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.tables:
+        tables(*args.tables)
+    if not args.obs:
+        return
     obs = load_npz(args.obs, required=("x", "theta", "flux_mjy", "rel_err", "distance_mpc", "rv", "rv_prior"))
     models = {k: cinn.load(p, device="cpu") for k, p in (("fixed", args.fixed), ("nuisance", args.nuisance)) if p}
     if args.cost:

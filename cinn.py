@@ -62,7 +62,11 @@ class FlowConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """FlowConfig from a checkpoint's or a config file's dict; unknown keys are an error."""
+        """FlowConfig from a checkpoint's or a config file's dict; unknown keys are an error. The removed key
+        `base` is read where it holds the one latent kept ("gaussian"), so earlier checkpoints still load."""
+        d = dict(d)
+        if d.pop("base", "gaussian") != "gaussian":
+            raise ValueError("flow config: the uniform latent of the cube domain was removed (NOTEBOOK 7.9)")
         unknown = set(d) - set(asdict(cls()))
         if unknown:
             raise ValueError(f"unknown flow config keys {sorted(unknown)}")

@@ -421,3 +421,15 @@ def test_the_refined_method_refuses_the_cube_domain():
     with pytest.raises(ValueError, match="cube domain is not available with the refined method"):
         cinn.build("refined", cinn.FlowConfig(coupling="spline", domain="cube"))
     assert cinn.build("paper", cinn.FlowConfig(coupling="spline", domain="cube")).config.domain == "cube"
+
+
+def test_flow_config_reads_the_removed_base_key_of_earlier_checkpoints():
+    """Checkpoints written while the cube domain had a choice of latent carry `base`: "gaussian" (the one
+    kept) still loads, "uniform" is refused by name, any other unknown key too."""
+    from dataclasses import asdict
+    d = asdict(cinn.FlowConfig(coupling="spline", domain="cube"))
+    assert cinn.FlowConfig.from_dict({**d, "base": "gaussian"}) == cinn.FlowConfig(coupling="spline", domain="cube")
+    with pytest.raises(ValueError, match="uniform latent"):
+        cinn.FlowConfig.from_dict({**d, "base": "uniform"})
+    with pytest.raises(ValueError, match="unknown flow config keys"):
+        cinn.FlowConfig.from_dict({**d, "bass": 1})

@@ -35,7 +35,7 @@ def timed(fn):
 def cost(obs, n, samples, models, seed):
     """Seconds per cluster: exact posterior plus draws, without and with the R_V dimension; cINN draws."""
     rng = np.random.default_rng(seed)
-    prior = tuple(obs["rv_prior"])
+    prior = tuple(float(v) for v in obs["rv_prior"])
     t = {k: [] for k in ("exact, R_V = 3.1", f"exact, R_V ~ U{list(prior)}")}
     for name in models:
         t[f"cINN {name}"] = []

@@ -1129,8 +1129,6 @@ RV_SUBSTEPS = 16        # the R_V integral at a point theta: midpoint steps per 
                         # median error <= 5e-4 nats, largest 5e-3 on the tests' clusters; 32: 4x less, 2x the time)
 RV_POOL = 10            # sample_posterior with R_V marginalised: proposals per draw and unit of 1 / ess
 RV_RESERVOIR = 100_000  # draws kept of each node posterior (the proposal's), each used once
-RV_PROPOSAL_EVERY = 1   # exact posteriors at every node: at every 2nd (3rd) node the importance share fell to
-                        # 0.06 (0.008) on the test's clusters, at every node it stays near 0.5 or above
 
 
 def _trapezoid_log_weights(x):
@@ -1143,11 +1141,10 @@ def _trapezoid_log_weights(x):
     return np.log(w / w.sum())
 
 
-def rv_quadrature(rv_prior, every=None):
+def rv_quadrature(rv_prior):
     """The variable-R_V model's table nodes (simulate.rv_nodes) in the prior [lo, hi], whose bounds must be
-    nodes, and the proposal nodes among them (every `every`-th from lo, and hi) with the log weights of
-    E_{R_V ~ U[lo, hi]}[g] ~ sum_k w_k g(R_k) (the trapezoid rule). Returns (nodes, proposal index, log w)."""
-    every = every or RV_PROPOSAL_EVERY
+    nodes, with the log weights of E_{R_V ~ U[lo, hi]}[g] ~ sum_k w_k g(R_k) (the trapezoid rule).
+    Returns (nodes, log w)."""
     lo, hi = (float(v) for v in rv_prior)
     nodes = rv_nodes()
     sel = (nodes >= lo - 1e-9) & (nodes <= hi + 1e-9)
@@ -1155,8 +1152,7 @@ def rv_quadrature(rv_prior, every=None):
         raise ValueError(f"R_V prior {rv_prior}: its bounds must be R_V nodes ({nodes[0]}, {nodes[1]}, ..., "
                          f"{nodes[-1]})")
     nodes = nodes[sel]
-    idx = np.unique(np.r_[np.arange(0, len(nodes), every), len(nodes) - 1])
-    return nodes, idx, _trapezoid_log_weights(nodes[idx])
+    return nodes, _trapezoid_log_weights(nodes)
 
 
 def _rv_loglike(theta, post, chunk=2048):
@@ -1183,7 +1179,7 @@ def _rv_loglike_points(theta, post):
         lnF.append(a)
     y = np.stack(lnF) + theta[..., 1:2] * LN10 + _row_offsets(None, f, d)
     shape = (-1, 1, 1)                                                     # (n_nodes, n, 5) broadcasting
-    nodes = band_loglike(y[post["proposal"]], r, post["likelihood"]).sum(axis=-1) \
+    nodes = band_loglike(y, r, post["likelihood"]).sum(axis=-1) \
         + post["node_log_weight"].reshape(shape[:-1])
     s = np.arange(RV_SUBSTEPS + 1).reshape(shape) / RV_SUBSTEPS
     edges = (y[:-1, None] * (1.0 - s) + y[1:, None] * s)                  # (n_int, S + 1, ..., 5)
@@ -1252,28 +1248,28 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     The density (log_density) takes the R_V integral at theta itself: on the variable-R_V model's table nodes
     (RV_STEP apart; simulate.load_table(r_v) or table_at(r_v)), RV_SUBSTEPS steps per node interval
     (_rv_loglike). Draws come from a proposal, the mixture sum_k pi_k p(theta | x, R_k) of exact_posterior at
-    every RV_PROPOSAL_EVERY-th node R_k (kwargs go to it; each is kept as `reservoir` draws, not as cells), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the
-    evidences Z(R_k) and trapezoid weights w_k (rv_quadrature), importance-resampled by the ratio of the two
-    densities (_log_ratio; sample_posterior). The mixture alone is the R_V integral on its nodes: where the
-    photometry is precise, p(theta | x, R_V) moves by more than its width between two nodes (mostly in mass,
-    by 0.4 E(B-V) dA/dR_V), and the mixture is a comb that SBC's HPD rank test rejects. log Z is the
-    mixture's, times the mean ratio over n_check of its draws.
+    every node R_k (kwargs go to it; each is kept as `reservoir` draws, not as cells; at every 2nd or 3rd node
+    the importance share fell to 0.06 and 0.008), pi_k = w_k Z(R_k) / sum_j w_j Z(R_j) with the evidences
+    Z(R_k) and trapezoid weights w_k (rv_quadrature), importance-resampled by the ratio of the two densities
+    (_log_ratio; sample_posterior). The mixture alone is the R_V integral on its nodes: where the photometry is
+    precise, p(theta | x, R_V) moves by more than its width between two nodes (mostly in mass, by 0.4 E(B-V)
+    dA/dR_V), and the mixture is a comb that SBC's HPD rank test rejects. log Z is the mixture's, times the
+    mean ratio over n_check of its draws.
 
     Returns a dict that marginal_cdf, posterior_quantiles, sample_posterior and log_density take like an
-    exact_posterior's: `components` (the proposal's node posteriors: log Z, MAP, marginals, draws; where the
-    likelihood has no support, Z = 0), `log_weight` log pi_k, `rv` their nodes, `tables` and `proposal` (all nodes' tables, which are
-    the proposal's), `rv_mean` and `rv_sd` of p(R_V | x), `log_z`, `ess` (the
-    importance draws' effective share), `age_pmf`, `quantiles` (the node mixture's marginals) and `map` (the
-    component MAP of highest density).
+    exact_posterior's: `components` (the node posteriors: log Z, MAP, marginals, draws; where the likelihood
+    has no support, Z = 0), `log_weight` log pi_k, `rv` their nodes, `tables` (the nodes' tables), `rv_mean`
+    and `rv_sd` of p(R_V | x), `log_z`, `ess` (the importance draws' effective share), `age_pmf`, `quantiles`
+    (the node mixture's marginals) and `map` (the component MAP of highest density).
     """
-    all_nodes, idx, log_w = rv_quadrature(rv_prior)
+    nodes, log_w = rv_quadrature(rv_prior)
     table_at = table_at or (lambda v: load_table(r_v=v))
-    tables = [table_at(v) for v in all_nodes]
+    tables = [table_at(v) for v in nodes]
     rng = np.random.default_rng(seed)
     comps, keep = [], []
-    for i in idx:
+    for table in tables:
         try:
-            node = exact_posterior(flux_mjy, rel_err, distance_mpc, table=tables[i], **kwargs)
+            node = exact_posterior(flux_mjy, rel_err, distance_mpc, table=table, **kwargs)
             comps.append(_compact_component(node, reservoir, rng))
             keep.append(True)
             del node                   # one node posterior's cells at a time
@@ -1283,13 +1279,12 @@ def exact_posterior_rv(flux_mjy, rel_err, distance_mpc, rv_prior, table_at=None,
     if not any(keep):
         raise RuntimeError(f"exact_posterior_rv: no R_V node of {rv_prior} has likelihood support")
     keep = np.array(keep)
-    nodes = all_nodes[idx]
     log_pi = log_w + np.array([c["log_z"] for c in comps])
     log_z = _logsumexp(log_pi[keep])
     pi = np.exp(log_pi - log_z)
     f, r, d = _check_obs(flux_mjy, rel_err, distance_mpc)
     post = {"components": comps, "node_log_weight": log_w, "log_weight": log_pi - log_z, "rv": nodes,
-            "tables": tables, "proposal": idx, "obs": (f, r, d), "likelihood": kwargs.get("likelihood", "exact"),
+            "tables": tables, "obs": (f, r, d), "likelihood": kwargs.get("likelihood", "exact"),
             "n_age": comps[keep.argmax()]["n_age"], "age_pmf": sum(p * c["age_pmf"] for p, c, k in zip(pi, comps, keep) if k),
             "rv_mean": float(pi @ nodes), "rv_sd": float(np.sqrt(max(pi @ (nodes - pi @ nodes) ** 2, 0.0)))}
     lr = _log_ratio(_mixture_draws(post, n_check, rng), post)

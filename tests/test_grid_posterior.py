@@ -614,3 +614,19 @@ def test_rv_marginal_converged_in_its_rv_integral(monkeypatch):
         assert np.max(np.abs(ld - ld_fine)) < 0.01
         assert abs(post["log_z"] - fine["log_z"]) < 0.01
         assert post["ess"] > 0.15 and RV_PRIOR[0] < post["rv_mean"] < RV_PRIOR[1]
+
+
+def test_rv_node_draws_are_used_once_and_run_out_with_a_message():
+    """The node posteriors are kept as draws: two calls of the proposal get disjoint draws (reusing them would
+    correlate the samples), drawn in proportion to pi_k, and asking for more than a node holds is refused."""
+    base = synthetic_table(n_age=60, ebv_step=0.1)
+    theta, fs, rs, d, rv = simulate_obs_rv(base, 1, np.random.default_rng(3))
+    post = gp.exact_posterior_rv(fs[0], rs[0], d[0], RV_PRIOR, table_at=rv_family(base), n_check=200,
+                                 reservoir=3000)
+    rng = np.random.default_rng(0)
+    a, b = gp._mixture_draws(post, 1000, rng), gp._mixture_draws(post, 1000, rng)
+    assert not set(map(tuple, a)) & set(map(tuple, b))
+    used = np.array([c.get("used", 0) for c in post["components"]])
+    assert used.sum() == 2200 and abs(used / 2200 - np.exp(post["log_weight"])).max() < 0.05
+    with pytest.raises(RuntimeError, match="larger `reservoir`"):
+        gp._mixture_draws(post, 3000 * len(post["components"]), rng)
